@@ -1,0 +1,1 @@
+"""Adapters: turn what medical devices send (files, DICOM, slides, network pushes) into Acquisition records."""

@@ -1,0 +1,5 @@
+import sys
+
+from leuk_fhir.cli import main
+
+sys.exit(main())

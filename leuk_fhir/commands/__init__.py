@@ -1,0 +1,1 @@
+"""Sub-command families of the ``leuk-fhir`` console script."""

@@ -1,0 +1,9 @@
+"""`leuk-fhir` sub-commands of the fhir family."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add this family's sub-commands."""

@@ -1,0 +1,1 @@
+"""The classifier: a compact CNN extracts feature maps, a HOSVD subspace classifier decides."""
