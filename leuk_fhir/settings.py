@@ -171,7 +171,7 @@ def _build(cls: type, values: Mapping[str, Any], env: Mapping[str, str], prefix:
             sub = values.get(f.name, {})
             if not isinstance(sub, Mapping):
                 raise ConfigurationError(f"[{f.name}] must be a table in the config file")
-            kwargs[f.name] = _build(annotation, sub, env, f"{env_name}_")
+            kwargs[f.name] = _build(typing.cast(type, annotation), sub, env, f"{env_name}_")
         elif env_name in env:
             kwargs[f.name] = _coerce(env[env_name], annotation, env_name)
         elif f.name in values:
