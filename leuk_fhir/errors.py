@@ -123,12 +123,37 @@ class NotFoundError(LeukFhirError):
     http_status = 404
 
 
+class ConflictError(LeukFhirError):
+    """The request conflicts with the resource's state (e.g. signing off a report twice)."""
+
+    code = "conflict"
+    http_status = 409
+
+
 class AccessDeniedError(LeukFhirError):
     """Missing or insufficient credentials for an API call or DICOM association."""
 
     code = "access-denied"
     http_status = 403
     dicom_status = 0xA700
+
+
+class CredentialsRequiredError(AccessDeniedError):
+    """An API call came without a valid token (HTTP 401, unlike a wrong role's 403)."""
+
+    code = "credentials-required"
+    http_status = 401
+
+
+class RateLimitedError(LeukFhirError):
+    """A client sent more requests than the configured rate allows."""
+
+    code = "rate-limited"
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after_s = retry_after_s
 
 
 class QueueFullError(LeukFhirError):

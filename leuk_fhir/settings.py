@@ -30,6 +30,8 @@ class ModelSettings:
     #: Torch device: "auto" picks CUDA when present.
     device: str = "auto"
     batch_size: int = 64
+    #: CPU threads for torch (0: torch's default). 1 is much faster on a loaded, shared CPU.
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,11 @@ class FhirSettings:
     organization_identifier: str = "leuk-fhir-lab"
     identifier_system: str = "urn:leuk-fhir:report"
     patient_identifier_system: str = "urn:leuk-fhir:patient"
+    #: Per-cell Observations beyond this many are summarised by the count Observations only.
+    max_cell_observations: int = 200
+    #: Reference of the practitioner or care team alerted when blasts are detected
+    #: (e.g. "CareTeam/haem-oncall" or "Practitioner?identifier=sys|value"); None: no recipient.
+    alert_recipient: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,8 @@ class OutboxSettings:
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 300.0
     poll_interval_s: float = 1.0
+    #: A claimed delivery not finished within this time is picked up again (crashed sender).
+    lease_s: float = 120.0
 
 
 @dataclass(frozen=True)

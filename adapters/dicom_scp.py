@@ -1,0 +1,215 @@
+"""A DICOM Storage SCP (C-STORE) with Verification (C-ECHO), built on pynetdicom.
+
+Microscopes, slide scanners and PACS push instances to our AE title. Each instance is
+validated (SOP class, transfer syntax, pixel data, size), spooled durably (temp file, fsync,
+rename) and only then acknowledged with status 0x0000; then ``on_instance`` is called. In
+``analysis_unit = "study"`` mode, ``on_instance(study_dir, study_reference)`` is called once a
+study has received nothing for ``study_idle_s`` seconds.
+
+Refusals: an unknown calling AE title is rejected at association (A-ASSOCIATE-RJ, "calling AE
+title not recognised"); SOP classes and transfer syntaxes we cannot read are rejected at
+presentation-context negotiation; a bad instance gets the error's ``dicom_status`` with an
+Error Comment naming the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from leuk_fhir.acquisition import DicomReference
+from leuk_fhir.adapters.dicom_files import validate_dicom
+from leuk_fhir.adapters.dicom_metadata import ACCEPTED_SOP_CLASSES, dicom_reference
+from leuk_fhir.adapters.plugins import TRANSFER_SYNTAX_PACKAGES, decoder_available
+from leuk_fhir.adapters.spool import durable_write, safe_uid, spool_path
+from leuk_fhir.errors import ConfigurationError, ImageTooLargeError, LeukFhirError
+from leuk_fhir.settings import DicomSettings, ImageSettings
+
+log = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_PROCESSING_FAILURE = 0x0110
+
+InstanceCallback = Callable[[Path, DicomReference], None]
+
+
+def accepted_transfer_syntaxes() -> list[str]:
+    """Transfer syntaxes we accept: those with a decoder installed on this machine."""
+    return [ts for ts in TRANSFER_SYNTAX_PACKAGES if decoder_available(ts)]
+
+
+def _status(code: int, comment: str | None = None) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:64]  # LO: 64 characters
+    return ds
+
+
+class CStoreReceiver:
+    """Receive DICOM instances over C-STORE into ``spool_dir`` and hand each to ``on_instance``.
+
+    ``rx.start()`` binds ``dicom_settings.host:port`` (port 0 picks a free one, see
+    :attr:`port`) and returns at once; ``rx.stop()`` closes the server and flushes pending
+    studies.
+    """
+
+    def __init__(
+        self,
+        dicom_settings: DicomSettings,
+        spool_dir: Path,
+        on_instance: InstanceCallback,
+        *,
+        image_settings: ImageSettings = ImageSettings(),
+    ) -> None:
+        if dicom_settings.analysis_unit not in ("instance", "study"):
+            raise ConfigurationError(
+                f"dicom.analysis_unit must be 'instance' or 'study', got {dicom_settings.analysis_unit!r}"
+            )
+        if not 0 < len(dicom_settings.ae_title.strip()) <= 16:
+            raise ConfigurationError(f"dicom.ae_title must be 1-16 characters: {dicom_settings.ae_title!r}")
+        self.settings = dicom_settings
+        self.image_settings = image_settings
+        self.spool_dir = Path(spool_dir)
+        self.on_instance = on_instance
+        self._server: Any = None
+        self._lock = threading.Lock()
+        self._pending: dict[str, tuple[float, DicomReference]] = {}
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        #: Counters for monitoring: stored, refused, callback_errors.
+        self.stats = {"stored": 0, "refused": 0, "callback_errors": 0}
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the C-STORE receiver is not started")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        from pynetdicom import AE, evt
+
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_pdu_size = 0  # unlimited
+        if self.settings.allowed_calling_aes:
+            ae.require_calling_aet = [a.strip() for a in self.settings.allowed_calling_aes]
+        syntaxes = accepted_transfer_syntaxes()
+        for sop_class in ACCEPTED_SOP_CLASSES:
+            ae.add_supported_context(sop_class, syntaxes)
+        ae.add_supported_context(VERIFICATION)
+        handlers = [
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
+            (evt.EVT_REJECTED, self._log_rejected),
+        ]
+        self._ae = ae
+        try:
+            self._server = ae.start_server(
+                (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+            )
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot listen for DICOM on {self.settings.host}:{self.settings.port}: {exc}"
+            ) from exc
+        if self.settings.analysis_unit == "study":
+            self._stop.clear()
+            self._flusher = threading.Thread(target=self._flush_loop, name="dicom-study-flush", daemon=True)
+            self._flusher.start()
+        log.info("C-STORE SCP %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self._stop.set()
+        if self._flusher is not None:
+            self._flusher.join(timeout=5)
+            self._flusher = None
+        self._flush_studies(force=True)
+
+    def __enter__(self) -> CStoreReceiver:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    def _log_rejected(self, event: Any) -> None:
+        log.warning(
+            "association from %s refused (calling AE title %r not in the allow-list)",
+            event.assoc.requestor.address, event.assoc.requestor.ae_title,
+        )
+
+    def _handle_store(self, event: Any) -> Dataset | int:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            sop_uid = str(ds.get("SOPInstanceUID", ""))
+            validate_dicom(ds, self.image_settings, name=f"instance {sop_uid or '?'} from {calling}")
+            data = event.encoded_dataset()
+            if len(data) > self.image_settings.max_bytes:
+                raise ImageTooLargeError(
+                    f"instance is {len(data):,} bytes, above {self.image_settings.max_bytes:,}"
+                )
+            ref = dicom_reference(ds, calling)
+            path = durable_write(spool_path(self.spool_dir, ref.study_uid, ref.sop_instance_uid), data)
+        except LeukFhirError as exc:
+            self.stats["refused"] += 1
+            log.warning("C-STORE from %s refused: %s", calling, exc)
+            return _status(exc.dicom_status, str(exc))
+        except Exception as exc:  # a corrupt data set must not kill the association thread
+            self.stats["refused"] += 1
+            log.warning("C-STORE from %s could not be read: %s", calling, exc)
+            return _status(0xC000, f"cannot read data set: {exc}")
+        self.stats["stored"] += 1
+        if self.settings.analysis_unit == "study":
+            with self._lock:
+                self._pending[ref.study_uid] = (time.monotonic(), ref)
+            return _status(STATUS_SUCCESS)
+        try:
+            self.on_instance(path, ref)
+        except LeukFhirError as exc:
+            self.stats["callback_errors"] += 1
+            log.warning("instance %s stored at %s but not queued: %s", ref.sop_instance_uid, path, exc)
+            return _status(exc.dicom_status, str(exc))
+        except Exception as exc:
+            self.stats["callback_errors"] += 1
+            log.exception("instance %s stored at %s but not queued", ref.sop_instance_uid, path)
+            return _status(STATUS_PROCESSING_FAILURE, f"stored, not queued: {exc}")
+        return _status(STATUS_SUCCESS)
+
+    # -- study mode ----------------------------------------------------------------------------
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(min(0.2, self.settings.study_idle_s / 4)):
+            self._flush_studies(force=False)
+
+    def _flush_studies(self, *, force: bool) -> None:
+        now = time.monotonic()
+        with self._lock:
+            ready = [
+                (uid, ref) for uid, (seen, ref) in self._pending.items()
+                if force or now - seen >= self.settings.study_idle_s
+            ]
+            for uid, _ in ready:
+                del self._pending[uid]
+        for uid, ref in ready:
+            study_ref = dataclasses.replace(ref, sop_instance_uid=None, series_uid=None)
+            try:
+                self.on_instance(self.spool_dir / safe_uid(uid), study_ref)
+            except Exception:
+                self.stats["callback_errors"] += 1
+                log.exception("study %s spooled but not queued", uid)

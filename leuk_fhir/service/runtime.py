@@ -1,0 +1,467 @@
+"""The running service: store, queue, workers, pipeline, outbox, DICOM listener, events.
+
+One :class:`LeukFhirService` per app (``app.extensions["leuk_fhir"]``). Uploads and job rows are
+persisted under ``data_dir`` before a submission is acknowledged; workers run the
+:class:`~leuk_fhir.pipeline.AnalysisPipeline` and record results; events go to the page.
+Logs name analyses by id only: no file names, no patient data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from leuk_fhir.acquisition import Acquisition, DicomReference, Scope, Transport
+from leuk_fhir.errors import InputError, LeukFhirError, NotFoundError
+from leuk_fhir.findings import Findings, Outcome
+from leuk_fhir.pipeline import AnalysisOrder, AnalysisPipeline
+from leuk_fhir.service.auth import RateLimiter
+from leuk_fhir.service.events import ALERT_EVENT, ANALYSIS_EVENT, EventBroker
+from leuk_fhir.service.store import COMPLETED, AnalysisRecord, ServiceStore, new_analysis_id
+from leuk_fhir.service.worker import AnalysisQueue
+from leuk_fhir.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PREVIEW_MAX_SIDE = 2048
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _safe_filename(name: str | None, default: str = "upload") -> str:
+    base = os.path.basename(name or "") or default
+    base = _SAFE_NAME.sub("_", base).strip("._") or default
+    return base[:120]
+
+
+def _digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's files in name order (a DICOM study)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        with open(file, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def findings_summary(findings: Findings) -> dict[str, Any]:
+    """Findings as the JSON the API and the page show (per-cell evidence included)."""
+    model = findings.model
+    cells = []
+    for cell in findings.cells:
+        cls = model.cell_class(cell.label)
+        cells.append({
+            "label": cell.label,
+            "display": cls.display if cls else cell.label,
+            "is_blast": bool(cls and cls.is_blast),
+            "confidence": round(cell.confidence, 4),
+            "probabilities": {k: round(float(v), 4) for k, v in cell.probabilities.items()},
+            "box": list(cell.box) if cell.box else None,
+            "frame": cell.frame,
+            "indeterminate_reason": cell.indeterminate_reason,
+        })
+    return {
+        "outcome": str(findings.outcome),
+        "blast_percentage": findings.blast_percentage,
+        "blast_count": findings.blast_count,
+        "classified_count": findings.classified_count,
+        "counts": findings.counts,
+        "confidence": round(findings.confidence, 4),
+        "scope": str(findings.acquisition.scope),
+        "model": {
+            "name": model.name,
+            "version": model.version,
+            "sha256": model.sha256,
+            "is_demo": model.is_demo,
+            "classes": [
+                {"name": c.name, "display": c.display, "is_blast": c.is_blast}
+                for c in model.classes
+            ],
+        },
+        "cells": cells,
+    }
+
+
+def write_preview(acquisition: Acquisition, target: Path, max_pixels: int) -> dict[str, Any] | None:
+    """Save a browser-viewable PNG of frame 0 (downsampled) and return its geometry.
+
+    ``scale`` maps level-0 pixel coordinates (the cells' boxes) onto the preview.
+    """
+    from PIL import Image
+
+    pixels = acquisition.pixels
+    levels = pixels.levels
+    width0, height0 = levels[0].width, levels[0].height
+    index = next(
+        (i for i, lv in enumerate(levels) if max(lv.width, lv.height) <= PREVIEW_MAX_SIDE),
+        len(levels) - 1,
+    )
+    level = levels[index]
+    if index == 0 and width0 * height0 > max_pixels:
+        return None
+    array = (
+        pixels.read_frame(0)
+        if index == 0
+        else pixels.read_region(0, 0, level.width, level.height, level=index)
+    )
+    image = Image.fromarray(array)
+    image.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    image.save(target, format="PNG")
+    return {
+        "width": image.width,
+        "height": image.height,
+        "level0_width": width0,
+        "level0_height": height0,
+        "scale": image.width / width0,
+        "frame_count": pixels.frame_count,
+    }
+
+
+class LeukFhirService:
+    """Everything the API needs, with an explicit :meth:`start` / :meth:`stop`."""
+
+    def __init__(self, settings: Settings, *, outbox: Any | None = None) -> None:
+        self.settings = settings
+        self.data_dir = Path(settings.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = ServiceStore(self.data_dir / "service.sqlite3")
+        self.broker = EventBroker()
+        self.rate_limiter = RateLimiter(settings.service.rate_limit_per_minute)
+        if outbox is None:
+            from leuk_fhir.delivery import Outbox
+
+            outbox = Outbox(self.data_dir / "outbox.sqlite3", lease_s=settings.outbox.lease_s)
+        self.outbox = outbox
+        self.pipeline = AnalysisPipeline(settings, outbox=outbox)
+        self.queue = AnalysisQueue(
+            self.process,
+            workers=settings.service.workers,
+            capacity=settings.service.queue_size,
+        )
+        self.sender: Any | None = None
+        self.dicom_receiver: Any | None = None
+        self.model_error: str | None = None
+        self._model_ready = threading.Event()
+        self._started = False
+        self.metrics: Any | None = None  # set by metrics.init_app
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self, *, dicom: bool | None = None, sender: bool | None = None) -> None:
+        """Load the model, re-queue unfinished work, start workers, sender and listener."""
+        if self._started:
+            return
+        self._started = True
+        threading.Thread(target=self._load_model, name="leuk-fhir-model", daemon=True).start()
+        self.queue.start(self.store.unfinished_analysis_ids())
+        if sender if sender is not None else bool(self.settings.fhir.base_url):
+            from leuk_fhir.delivery import EhrClient, OutboxSender
+
+            client = EhrClient.from_settings(self.settings.fhir)
+            self.sender = OutboxSender(self.outbox, client, self.settings.outbox)
+            self.sender.start()
+        if dicom if dicom is not None else self.settings.dicom.enabled:
+            from leuk_fhir.adapters.dicom_scp import CStoreReceiver
+
+            self.dicom_receiver = CStoreReceiver(
+                self.settings.dicom, self.data_dir / "dicom-spool", self.submit_dicom_instance,
+                image_settings=self.settings.image,
+            )
+            self.dicom_receiver.start()
+
+    def stop(self) -> None:
+        """Stop listener, workers and sender; unfinished analyses stay queued on disk."""
+        if self.dicom_receiver is not None:
+            self.dicom_receiver.stop()
+            self.dicom_receiver = None
+        self.queue.stop()
+        if self.sender is not None:
+            self.sender.stop()
+            self.sender = None
+        self.broker.close()
+        self._started = False
+
+    def _load_model(self) -> None:
+        try:
+            info = self.pipeline.model_info
+            log.info("model %s %s loaded%s", info.name, info.version, " (DEMO)" if info.is_demo else "")
+        except Exception as exc:  # readyz reports it; analyses fail with the same message
+            self.model_error = f"{type(exc).__name__}: {exc}"
+            log.error("cannot load the model: %s", self.model_error)
+        finally:
+            self._model_ready.set()
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._model_ready.is_set() and self.model_error is None
+
+    def readiness(self) -> dict[str, Any]:
+        """What /readyz reports: each check and whether all pass."""
+        checks: dict[str, Any] = {}
+        try:
+            self.store.ping()
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"error: {type(exc).__name__}"
+        checks["workers"] = "ok" if self.queue.alive else "not running"
+        if not self._model_ready.is_set():
+            checks["model"] = "loading"
+        else:
+            checks["model"] = "ok" if self.model_error is None else f"error: {self.model_error}"
+        if self.dicom_receiver is not None:
+            checks["dicom_listener"] = "ok"
+        if self.sender is not None:
+            checks["outbox_sender"] = "ok"
+        return {"ready": all(v == "ok" for v in checks.values()), "checks": checks}
+
+    # ---- intake ----------------------------------------------------------------------------
+    def analysis_dir(self, analysis_id: str) -> Path:
+        return self.data_dir / "analyses" / analysis_id
+
+    def submit_stream(
+        self,
+        stream: IO[bytes],
+        *,
+        filename: str | None,
+        media_type: str | None,
+        transport: Transport,
+        scope: Scope | None = None,
+        order: AnalysisOrder | None = None,
+        submitted_by: str | None = None,
+    ) -> AnalysisRecord:
+        """Persist an upload and its job row, validate it, queue it. Raises before persisting
+        when the queue is full, and removes everything again when the input is invalid."""
+        self.queue.reserve()
+        analysis_id = new_analysis_id()
+        folder = self.analysis_dir(analysis_id)
+        committed = False
+        try:
+            upload = folder / "upload" / _safe_filename(filename)
+            upload.parent.mkdir(parents=True, exist_ok=True)
+            digest = self._save_stream(stream, upload)
+            record = self._persist_and_queue(
+                analysis_id, upload, filename=filename, media_type=media_type, digest=digest,
+                transport=transport, scope=scope, order=order, submitted_by=submitted_by,
+            )
+            committed = True
+            return record
+        finally:
+            if not committed:
+                self.queue.release()
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def submit_dicom_instance(self, path: Path, reference: DicomReference) -> None:
+        """C-STORE callback: take over a spooled instance (or study folder) and queue it.
+
+        Raises :class:`~leuk_fhir.errors.QueueFullError` when the queue is full, which the
+        receiver answers with a DICOM "out of resources" status.
+        """
+        self.submit_file(
+            path, transport=Transport.C_STORE, media_type="application/dicom",
+            filename=f"{reference.sop_instance_uid or reference.study_uid}"
+            + ("" if path.is_dir() else ".dcm"),
+            submitted_by=f"DICOM AE {reference.calling_ae_title or '?'}",
+        )
+
+    def submit_file(
+        self,
+        path: Path,
+        *,
+        transport: Transport,
+        media_type: str | None,
+        filename: str | None,
+        scope: Scope | None = None,
+        submitted_by: str | None = None,
+    ) -> AnalysisRecord:
+        """Queue a file already on disk (moved into the service's data directory)."""
+        self.queue.reserve()
+        analysis_id = new_analysis_id()
+        folder = self.analysis_dir(analysis_id)
+        committed = False
+        try:
+            upload = folder / "upload" / _safe_filename(filename)
+            upload.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(path), upload)
+            digest = _digest(upload)
+            record = self._persist_and_queue(
+                analysis_id, upload, filename=filename, media_type=media_type, digest=digest,
+                transport=transport, scope=scope, order=None, submitted_by=submitted_by,
+            )
+            committed = True
+            return record
+        finally:
+            if not committed:
+                self.queue.release()
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _save_stream(self, stream: IO[bytes], target: Path) -> str:
+        limit = self.settings.image.max_bytes
+        digest = hashlib.sha256()
+        size = 0
+        with open(target, "wb") as out:
+            while chunk := stream.read(1 << 20):
+                size += len(chunk)
+                if size > limit:
+                    from leuk_fhir.errors import ImageTooLargeError
+
+                    raise ImageTooLargeError(
+                        f"the upload exceeds {limit} bytes",
+                        hint="raise LEUK_FHIR_IMAGE_MAX_BYTES or send a smaller image",
+                    )
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if size == 0:
+            raise InputError("the upload is empty")
+        return digest.hexdigest()
+
+    def _persist_and_queue(
+        self,
+        analysis_id: str,
+        upload: Path,
+        *,
+        filename: str | None,
+        media_type: str | None,
+        digest: str,
+        transport: Transport,
+        scope: Scope | None,
+        order: AnalysisOrder | None,
+        submitted_by: str | None,
+    ) -> AnalysisRecord:
+        # Fail fast on bad input: open it (headers only; pixels stay lazy) before accepting.
+        acquisition = self.pipeline.ingest(upload, transport=transport, scope=scope, order=order)
+        acquisition.pixels.close()
+        record = self.store.insert_analysis(
+            analysis_id,
+            transport=str(transport),
+            upload_path=upload,
+            filename=filename,
+            media_type=media_type or acquisition.media_type,
+            content_sha256=digest,
+            scope=str(scope or acquisition.scope),
+            submitted_by=submitted_by,
+            order=order.to_json() if order else None,
+        )
+        self.queue.commit(analysis_id)
+        log.info("analysis %s queued (%s)", analysis_id, transport)
+        self.broker.publish(ANALYSIS_EVENT, {"id": analysis_id, "status": record.status})
+        return record
+
+    # ---- work ------------------------------------------------------------------------------
+    def process(self, analysis_id: str) -> None:
+        """Run the pipeline for one queued analysis and record the outcome (worker thread)."""
+        try:
+            record = self.store.get_analysis(analysis_id)
+        except NotFoundError:
+            return
+        self.store.mark_running(analysis_id)
+        self.broker.publish(ANALYSIS_EVENT, {"id": analysis_id, "status": "running"})
+        folder = self.analysis_dir(analysis_id)
+        preview: dict[str, Any] = {}
+        started = time.perf_counter()
+
+        def keep_preview(acquisition: Acquisition) -> None:
+            try:
+                geometry = write_preview(
+                    acquisition, folder / "preview.png", self.settings.image.max_pixels
+                )
+                if geometry:
+                    preview.update(geometry)
+            except Exception as exc:  # a missing preview must not fail the analysis
+                log.warning("analysis %s: no preview (%s)", analysis_id, type(exc).__name__)
+
+        try:
+            result = self.pipeline.run(
+                record.upload_path,
+                transport=Transport(record.transport),
+                scope=Scope(record.scope) if record.scope else None,
+                order=AnalysisOrder.from_json(record.order),
+                on_ingested=keep_preview,
+            )
+        except LeukFhirError as exc:
+            self._fail(analysis_id, exc.code, str(exc))
+            return
+        except Exception as exc:
+            log.exception("analysis %s failed unexpectedly", analysis_id)
+            self._fail(analysis_id, "internal", f"internal error ({type(exc).__name__})")
+            return
+        report = result.report
+        (folder / "bundle.json").write_text(json.dumps(report.bundle), encoding="utf-8")
+        (folder / "report.html").write_text(report.html, encoding="utf-8")
+        if report.pdf:
+            (folder / "report.pdf").write_bytes(report.pdf)
+        summary = findings_summary(result.findings)
+        summary["image"] = preview or None
+        self.store.mark_completed(
+            analysis_id,
+            result=summary,
+            outcome=summary["outcome"],
+            blast_percentage=result.findings.blast_percentage,
+            report_identifier=report.report_identifier,
+            delivery_keys=list(result.delivery_keys),
+        )
+        elapsed = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.analysis_finished(summary["outcome"], elapsed)
+        log.info("analysis %s completed: %s in %.2fs", analysis_id, summary["outcome"], elapsed)
+        self.broker.publish(ANALYSIS_EVENT, {
+            "id": analysis_id, "status": "completed", "outcome": summary["outcome"],
+        })
+        if result.findings.outcome == Outcome.BLASTS_DETECTED:
+            self.broker.publish(ALERT_EVENT, {
+                "id": analysis_id,
+                "outcome": summary["outcome"],
+                "blast_percentage": result.findings.blast_percentage,
+                "ordering_practitioner": record.order.get("ordering_practitioner"),
+                "communication_queued": result.alert_key is not None,
+            })
+
+    def _fail(self, analysis_id: str, code: str, message: str) -> None:
+        self.store.mark_failed(analysis_id, code=code, message=message)
+        if self.metrics is not None:
+            self.metrics.analysis_finished("failed", None)
+        log.info("analysis %s failed: %s", analysis_id, code)
+        self.broker.publish(ANALYSIS_EVENT, {"id": analysis_id, "status": "failed", "error": code})
+
+    # ---- sign-off --------------------------------------------------------------------------
+    def sign_off(
+        self,
+        analysis_id: str,
+        *,
+        signed_off_by: str,
+        practitioner_identifier: str,
+        role: str,
+        comment: str | None,
+    ) -> AnalysisRecord:
+        """preliminary -> final: record the person and send the final report to the EHR."""
+        record = self.store.get_analysis(analysis_id)
+        key = None
+        if record.status == COMPLETED and record.report_status == "preliminary":
+            report_bundle = json.loads(
+                (self.analysis_dir(analysis_id) / "bundle.json").read_text(encoding="utf-8")
+            )
+            key = self.pipeline.sign_off(
+                report_bundle,
+                report_identifier=record.report_identifier or analysis_id,
+                practitioner_identifier=practitioner_identifier,
+                practitioner_name=signed_off_by,
+                comment=comment,
+            )
+        record = self.store.record_sign_off(
+            analysis_id, signed_off_by=signed_off_by, role=role, comment=comment,
+            delivery_key=key,
+        )
+        log.info("analysis %s signed off (role %s)", analysis_id, role)
+        self.broker.publish(ANALYSIS_EVENT, {
+            "id": analysis_id, "status": record.status, "report_status": "final",
+        })
+        return record

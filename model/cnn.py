@@ -1,0 +1,192 @@
+"""A compact CNN for single-cell crops, trained with augmentation suited to stained smears.
+
+Four conv-BN-ReLU stages (the first three followed by 2x2 max pooling) turn an RGB crop into
+``widths[-1]`` feature maps; those maps, average-pooled to a ``feature_grid x feature_grid``
+grid, are what the HOSVD classifier sees. A global-average-pool + linear "softmax head" is
+trained with the features and serves as the CNN's own baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+
+@dataclass(frozen=True)
+class CNNConfig:
+    """Architecture of :class:`CellCNN`."""
+
+    n_classes: int
+    widths: tuple[int, ...] = (16, 32, 64, 96)
+    feature_grid: int = 4
+    dropout: float = 0.2
+
+
+class CellCNN(nn.Module):
+    """Compact CNN whose last feature maps feed the HOSVD classifier."""
+
+    def __init__(self, config: CNNConfig) -> None:
+        super().__init__()
+        self.config = config
+        layers: list[nn.Module] = []
+        previous = 3
+        for i, width in enumerate(config.widths):
+            layers += [
+                nn.Conv2d(previous, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
+            if i < len(config.widths) - 1:
+                layers.append(nn.MaxPool2d(2))
+            previous = width
+        self.body = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(previous, config.n_classes)
+
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, C, g, g) feature maps pooled to the configured grid."""
+        return F.adaptive_avg_pool2d(self.body(x), self.config.feature_grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.body(x).mean(dim=(2, 3))))
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.body(x)
+        logits = self.head(maps.mean(dim=(2, 3)))
+        return F.adaptive_avg_pool2d(maps, self.config.feature_grid), logits
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when a GPU is present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def to_tensor(batch: np.ndarray, mean: np.ndarray, std: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(n, H, W, 3) uint8 to normalised (n, 3, H, W) float32 on ``device``."""
+    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    m = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, max_shift: float = 0.08) -> torch.Tensor:
+    """Smear-suited augmentation on a (n, 3, H, W) batch in [0, 1]: flips, 90-degree rotations,
+    small shifts (reflect-padded), brightness/contrast and per-channel stain jitter."""
+    n, _, h, w = x.shape
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=generator).to(x.device)
+
+    k = int(torch.randint(0, 4, (1,), generator=generator))
+    x = torch.rot90(x, k, dims=(2, 3))
+    flip = rand(n) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    pad = int(round(max_shift * h))
+    if pad:
+        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        dy, dx = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=generator))
+        x = padded[:, :, dy : dy + h, dx : dx + w]
+    brightness = 1.0 + (rand(n, 1, 1, 1) - 0.5) * 0.2
+    contrast = 1.0 + (rand(n, 1, 1, 1) - 0.5) * 0.3
+    stain = 1.0 + (rand(n, 3, 1, 1) - 0.5) * 0.12
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * contrast + mean
+    return (x * brightness * stain).clamp(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class TrainingHistory:
+    epochs: int
+    train_loss: tuple[float, ...]
+    train_accuracy: tuple[float, ...]
+    seconds: float
+
+
+def train_cnn(
+    images: np.ndarray,
+    y: np.ndarray,
+    config: CNNConfig,
+    mean: np.ndarray,
+    std: np.ndarray,
+    epochs: int,
+    seed: int,
+    device: torch.device,
+    batch_size: int = 64,
+    learning_rate: float = 4e-3,
+    progress: Callable[[int, float, float], None] | None = None,
+) -> tuple[CellCNN, TrainingHistory]:
+    """Train :class:`CellCNN` on (n, H, W, 3) uint8 images; deterministic for a seed on CPU."""
+    import time
+
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = CellCNN(config).to(device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=5e-4)
+    steps_per_epoch = max(1, math.ceil(len(images) / batch_size))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=learning_rate, total_steps=max(1, epochs * steps_per_epoch), pct_start=0.25
+    )
+    m = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    # Class-balanced loss weights, so a minority class (blasts) is not drowned out.
+    counts = np.bincount(y, minlength=config.n_classes).astype(np.float64)
+    weights = torch.as_tensor(counts.sum() / (config.n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+    targets_all = torch.as_tensor(y, dtype=torch.long)
+    losses: list[float] = []
+    accuracies: list[float] = []
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(images), generator=generator).numpy()
+        total, correct, seen = 0.0, 0, 0
+        for b in range(steps_per_epoch):
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            if len(idx) < 2:
+                continue
+            x = torch.from_numpy(images[idx]).to(device).permute(0, 3, 1, 2).float() / 255.0
+            x = (augment(x, generator) - m) / s
+            target = targets_all[idx].to(device)
+            logits = model(x)
+            loss = F.cross_entropy(logits, target, weight=weights, label_smoothing=0.05)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total += float(loss) * len(idx)
+            correct += int((logits.argmax(1) == target).sum())
+            seen += len(idx)
+        losses.append(total / max(seen, 1))
+        accuracies.append(correct / max(seen, 1))
+        if progress is not None:
+            progress(epoch + 1, losses[-1], accuracies[-1])
+    model.eval()
+    return model, TrainingHistory(epochs, tuple(losses), tuple(accuracies), time.perf_counter() - start)
+
+
+@torch.no_grad()
+def extract(
+    model: CellCNN, images: np.ndarray, mean: np.ndarray, std: np.ndarray, device: torch.device,
+    batch_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Feature maps (n, C, g, g) float32 and softmax-head probabilities (n, classes)."""
+    model.eval()
+    feats: list[np.ndarray] = []
+    probs: list[np.ndarray] = []
+    for start in range(0, len(images), batch_size):
+        x = to_tensor(images[start : start + batch_size], mean, std, device)
+        maps, logits = model.features_and_logits(x)
+        feats.append(maps.float().cpu().numpy())
+        probs.append(torch.softmax(logits, dim=1).float().cpu().numpy())
+    if not feats:
+        n_cls = model.config.n_classes
+        g = model.config.feature_grid
+        return np.zeros((0, model.config.widths[-1], g, g), np.float32), np.zeros((0, n_cls), np.float32)
+    return np.concatenate(feats), np.concatenate(probs)

@@ -1,0 +1,235 @@
+"""Labelled cell-image datasets: readers, duplicate removal, deterministic (grouped) folds.
+
+Three layouts are read:
+
+* a folder of class sub-folders (``DATA/<class>/*.png``);
+* the ALL-IDB naming, ``ImNNN_1.*`` = blast and ``ImNNN_0.*`` = healthy, in one folder;
+* a CSV manifest ``path,label[,group]`` (header optional; paths relative to the CSV), where a
+  group (patient / subject) never straddles a split.
+
+Byte-identical files are found by SHA-256 and dropped before splitting (and reported).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from leuk_fhir.errors import DatasetError
+from leuk_fhir.model.images import IMAGE_EXTENSIONS, decode_image, square_resize
+
+ALL_IDB_PATTERN = re.compile(r"^Im\d+_([01])\.[A-Za-z0-9]+$")
+ALL_IDB_LABELS = {"1": "blast", "0": "normal"}
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    path: Path
+    label: str
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class DuplicateReport:
+    """Files dropped because their bytes equal an earlier file's."""
+
+    dropped: tuple[tuple[str, str], ...] = ()  # (dropped path, kept path)
+    conflicting_labels: tuple[str, ...] = ()  # kept paths whose duplicates had another label
+
+    @property
+    def count(self) -> int:
+        return len(self.dropped)
+
+
+@dataclass
+class CellDataset:
+    """Decoded images (n, size, size, 3) uint8 with labels, optional groups and provenance."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    groups: np.ndarray | None
+    paths: tuple[str, ...]
+    fingerprint: str
+    source: str
+    duplicates: DuplicateReport = field(default_factory=DuplicateReport)
+
+    @property
+    def y(self) -> np.ndarray:
+        """Integer labels indexing ``class_names``."""
+        return np.searchsorted(np.array(self.class_names), self.labels)
+
+    def counts(self) -> dict[str, int]:
+        return {str(c): int(n) for c, n in zip(*np.unique(self.labels, return_counts=True), strict=True)}
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "images": int(len(self.labels)),
+            "classes": self.counts(),
+            "groups": None if self.groups is None else int(len(set(self.groups.tolist()))),
+            "duplicates_dropped": self.duplicates.count,
+            "duplicate_label_conflicts": len(self.duplicates.conflicting_labels),
+            "fingerprint": self.fingerprint,
+        }
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_images(source: Path) -> list[LabelledImage]:
+    """Find labelled images in a class-folder tree, an ALL-IDB folder or a CSV manifest."""
+    source = Path(source)
+    if not source.exists():
+        raise DatasetError(f"{source}: no such file or folder")
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise DatasetError(f"{source}: expected a folder or a CSV manifest (path,label[,group])")
+        return _read_manifest(source)
+    files = sorted(p for p in source.iterdir() if _is_image(p))
+    if files and all(ALL_IDB_PATTERN.match(p.name) for p in files):
+        return [LabelledImage(p, ALL_IDB_LABELS[ALL_IDB_PATTERN.match(p.name).group(1)]) for p in files]  # type: ignore[union-attr]
+    folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DatasetError(
+            f"{source}: no class sub-folders and no ALL-IDB named images (ImNNN_1.jpg / ImNNN_0.jpg)"
+        )
+    items: list[LabelledImage] = []
+    for folder in folders:
+        found = sorted(p for p in folder.rglob("*") if _is_image(p))
+        if not found:
+            raise DatasetError(f"class folder {folder} contains no images", hint="remove it or add images")
+        items += [LabelledImage(p, folder.name) for p in found]
+    return items
+
+
+def _read_manifest(path: Path) -> list[LabelledImage]:
+    items: list[LabelledImage] = []
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        rows = [r for r in csv.reader(handle) if r and any(c.strip() for c in r)]
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    for number, row in enumerate(rows, start=1):
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise DatasetError(f"{path}: row {number} must be path,label[,group], got {row!r}")
+        image = Path(row[0].strip())
+        image = image if image.is_absolute() else path.parent / image
+        if not image.is_file():
+            raise DatasetError(f"{path}: row {number}: image {image} does not exist")
+        group = row[2].strip() if len(row) > 2 and row[2].strip() else None
+        items.append(LabelledImage(image, row[1].strip(), group))
+    if not items:
+        raise DatasetError(f"{path}: manifest lists no images")
+    if any(i.group is None for i in items) and any(i.group is not None for i in items):
+        raise DatasetError(f"{path}: give a group for every row or for none")
+    return items
+
+
+def drop_duplicates(items: list[LabelledImage]) -> tuple[list[LabelledImage], list[bytes], DuplicateReport]:
+    """Keep the first of each set of byte-identical files; return kept items, their bytes."""
+    seen: dict[str, LabelledImage] = {}
+    kept: list[LabelledImage] = []
+    data: list[bytes] = []
+    dropped: list[tuple[str, str]] = []
+    conflicts: set[str] = set()
+    for item in items:
+        try:
+            raw = item.path.read_bytes()
+        except OSError as exc:
+            raise DatasetError(f"cannot read {item.path}: {exc.strerror or exc}") from exc
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest in seen:
+            first = seen[digest]
+            dropped.append((str(item.path), str(first.path)))
+            if first.label != item.label:
+                conflicts.add(str(first.path))
+            continue
+        seen[digest] = item
+        kept.append(item)
+        data.append(raw)
+    return kept, data, DuplicateReport(tuple(dropped), tuple(sorted(conflicts)))
+
+
+def load_dataset(
+    source: Path,
+    image_size: int,
+    max_pixels: int,
+    binary_positive: str | None = None,
+    progress: bool = False,
+) -> CellDataset:
+    """Read, de-duplicate, decode and resize a dataset once into memory.
+
+    ``binary_positive`` relabels the dataset as ``<name>`` vs ``other`` (e.g. lymphocyte vs the
+    rest). Raises :class:`DatasetError` for fewer than two classes or an empty dataset.
+    """
+    items = list_images(Path(source))
+    items, raw, duplicates = drop_duplicates(items)
+    if binary_positive is not None:
+        names = {i.label for i in items}
+        if binary_positive not in names:
+            raise DatasetError(f"--binary-positive {binary_positive!r} is not a class of {source} ({sorted(names)})")
+        items = [LabelledImage(i.path, i.label if i.label == binary_positive else "other", i.group) for i in items]
+    labels = np.array([i.label for i in items])
+    class_names = tuple(sorted(set(labels.tolist())))
+    if len(class_names) < 2:
+        raise DatasetError(
+            f"{source}: found {len(items)} image(s) of {len(class_names)} class(es) {list(class_names)}; "
+            "training needs at least two classes"
+        )
+    images = np.empty((len(items), image_size, image_size, 3), dtype=np.uint8)
+    iterator: Iterator[int] = iter(range(len(items)))
+    if progress:
+        from tqdm import tqdm
+
+        iterator = iter(tqdm(range(len(items)), desc="decoding images", unit="img"))
+    for i in iterator:
+        images[i] = square_resize(decode_image(raw[i], max_pixels, where=str(items[i].path)), image_size)
+    fingerprint = hashlib.sha256()
+    for item, data in sorted(zip(items, raw, strict=True), key=lambda t: str(t[0].path)):
+        fingerprint.update(hashlib.sha256(data).digest() + item.label.encode() + b"\0")
+    groups = None if items[0].group is None else np.array([i.group for i in items])
+    return CellDataset(
+        images=images,
+        labels=labels,
+        class_names=class_names,
+        groups=groups,
+        paths=tuple(str(i.path) for i in items),
+        fingerprint=fingerprint.hexdigest(),
+        source=str(source),
+        duplicates=duplicates,
+    )
+
+
+def stratified_folds(
+    labels: np.ndarray, n_folds: int, seed: int = 0, groups: np.ndarray | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Deterministic stratified k-fold; with ``groups``, no group is on both sides of a split."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    counts = Counter(labels.tolist())
+    if n_folds < 2:
+        raise DatasetError("--folds must be at least 2")
+    smallest = min(counts.values())
+    if smallest < n_folds:
+        raise DatasetError(
+            f"class {min(counts, key=counts.__getitem__)!r} has {smallest} image(s), fewer than "
+            f"{n_folds} folds"
+        )
+    if groups is not None:
+        n_groups = len(set(groups.tolist()))
+        if n_groups < n_folds:
+            raise DatasetError(f"{n_groups} groups cannot fill {n_folds} folds")
+        splitter = StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
+        splits = list(splitter.split(np.zeros(len(labels)), labels, groups))
+    else:
+        splitter = StratifiedKFold(n_folds, shuffle=True, random_state=seed)  # type: ignore[assignment]
+        splits = list(splitter.split(np.zeros(len(labels)), labels))
+    return [(np.sort(a), np.sort(b)) for a, b in splits]

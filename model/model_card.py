@@ -1,0 +1,109 @@
+"""Model cards rendered from a model file's manifest (what it was trained on, how it measured)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+DEMO_WARNING = (
+    "> **DEMO MODEL - NOT FOR CLINICAL USE.** Trained only on procedurally generated synthetic "
+    "cells. Its figures say nothing about real blood smears. Train your own model on licensed, "
+    "labelled data (`leuk-fhir train`) before any real use."
+)
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{100 * float(value):.2f}%"
+
+
+def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
+    """Markdown model card for a model manifest."""
+    lines = [f"# Model card: {manifest['name']} {manifest['version']}", ""]
+    if manifest.get("is_demo"):
+        lines += [DEMO_WARNING, ""]
+    lines += [
+        "Decision support only: every result is AI-generated and stays preliminary until a "
+        "clinician reviews it.",
+        "",
+        "## Identity",
+        f"- Name / version: `{manifest['name']}` / `{manifest['version']}`",
+        f"- Artifact SHA-256: `{sha256}`",
+        f"- Written by: {manifest.get('written_by', 'unknown')}",
+    ]
+    if manifest.get("description"):
+        lines.append(f"- Description: {manifest['description']}")
+    lines += ["", "## Classes", "", "| Class | Meaning | Counts as blast | SNOMED CT |", "|---|---|---|---|"]
+    for c in manifest["classes"]:
+        code = f"{c['snomed_code']} {c['snomed_display']}" if c.get("snomed_code") else "uncoded"
+        lines.append(f"| `{c['name']}` | {c['display']} | {'yes' if c['is_blast'] else 'no'} | {code} |")
+    lines.append("| `indeterminate` | out of distribution: residual to every class too high | no | - |")
+    training = manifest.get("training", {})
+    data = training.get("data", {})
+    prep = manifest["preprocessing"]
+    hosvd = manifest["hosvd"]
+    lines += [
+        "",
+        "## Training data",
+        f"- Source: {data.get('source', 'unknown')}",
+        f"- Images: {data.get('images', '?')} ({', '.join(f'{k}: {v}' for k, v in data.get('classes', {}).items())})",
+        f"- Byte-identical duplicates dropped: {data.get('duplicates_dropped', 0)}",
+        f"- Data fingerprint (SHA-256 over file digests and labels): `{data.get('fingerprint', 'unknown')}`",
+        "",
+        "## Method",
+        f"- Input: RGB crop padded to a square, resized to {prep['image_size']}x{prep['image_size']} px, "
+        "normalised per channel.",
+        f"- CNN: {len(manifest['cnn']['widths'])} conv-BN-ReLU stages, widths {manifest['cnn']['widths']}; "
+        f"last feature maps pooled to {manifest['cnn']['feature_grid']}x{manifest['cnn']['feature_grid']}; "
+        "trained with flips, 90-degree rotations, shifts and stain/colour jitter.",
+        f"- HOSVD classifier (Savas & Elden 2007): per class HOSVD of the channels x positions x samples "
+        f"tensor, ranks ({hosvd['channel_rank']}, {hosvd['position_rank']}), {hosvd['n_basis']} basis "
+        f"images, {hosvd['n_subspaces']} sub-class subspace(s) per class, chosen by inner "
+        f"cross-validation (inner accuracy {_pct(hosvd.get('cv_accuracy'))}); probabilities by a "
+        f"temperature ({hosvd['temperature']:.4g}) fitted on held-out residuals.",
+        "- Out of distribution: `indeterminate` when the relative residual to every class exceeds "
+        "that class's threshold (margin x 99.5th percentile of held-out residuals).",
+    ]
+    config = training.get("config")
+    if config:
+        lines.append(
+            f"- Training: {config.get('epochs')} epochs, batch {config.get('batch_size')}, seed {config.get('seed')}."
+        )
+    evaluation = manifest.get("evaluation")
+    lines += ["", "## Measured performance", ""]
+    if evaluation and evaluation.get("heads"):
+        lines += [
+            f"{evaluation.get('folds')}-fold cross-validation on the training data "
+            f"({evaluation.get('images')} images); mean +- std over folds:",
+            "",
+            "| Head | Accuracy | Macro F1 | Macro AUC |",
+            "|---|---|---|---|",
+        ]
+        for head, figures in evaluation["heads"].items():
+            lines.append(
+                f"| {head} | {_pct(figures['accuracy_mean'])} +- {_pct(figures['accuracy_std'])} | "
+                f"{_pct(figures.get('macro_f1_mean'))} | {_pct(figures.get('macro_auc_mean'))} |"
+            )
+        if "indeterminate_rate_mean" in evaluation:
+            lines.append(f"\nIn-distribution test cells flagged indeterminate: {_pct(evaluation['indeterminate_rate_mean'])}.")
+    else:
+        lines.append("No cross-validated evaluation is stored in this model file.")
+    metrics = manifest.get("metrics", {})
+    if metrics:
+        lines += ["", "Stored metrics: " + ", ".join(f"`{k}` = {v:.4g}" for k, v in sorted(metrics.items()))]
+    if manifest.get("ood"):
+        lines += ["", "Out-of-distribution check: " + ", ".join(f"{k}: {_pct(v)} indeterminate" for k, v in manifest["ood"].items())]
+    lines += [
+        "",
+        "## Limitations",
+        "- Single-cell crops only; a whole smear field is not a cell and should come back indeterminate.",
+        "- Accuracy measured by cross-validation on one data source does not transfer to other "
+        "stains, scanners or sites; validate locally before use.",
+        "- Not a diagnosis: an ALL diagnosis needs morphology review, flow cytometry and more.",
+        "",
+        "## References",
+        "- B. Savas, L. Elden. Handwritten digit classification using higher order singular value "
+        "decomposition. Pattern Recognition 40(3):993-1003, 2007.",
+        "- L. De Lathauwer, B. De Moor, J. Vandewalle. A multilinear singular value decomposition. "
+        "SIAM J. Matrix Anal. Appl. 21(4):1253-1278, 2000.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""Fit the whole pipeline on decoded images: CNN, then the HOSVD head and the SVM baseline.
+
+The three heads share the CNN of a run: ``hosvd`` (the method), ``softmax`` (the CNN's own
+linear head) and ``svm`` (a linear SVM on globally pooled feature maps), so a report compares
+like with like.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from leuk_fhir.model.cnn import CellCNN, CNNConfig, TrainingHistory, extract, resolve_device, train_cnn
+from leuk_fhir.model.hosvd import HOSVDClassifier
+
+log = logging.getLogger(__name__)
+
+HEADS = ("hosvd", "softmax", "svm")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything that defines a training run (stored in the model artifact)."""
+
+    image_size: int = 64
+    epochs: int = 15
+    batch_size: int = 64
+    learning_rate: float = 4e-3
+    widths: tuple[int, ...] = (16, 32, 64, 96)
+    feature_grid: int = 4
+    seed: int = 0
+    device: str = "auto"
+    hosvd_cv: int = 3
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+
+@dataclass
+class HeadOutput:
+    """Predicted class index and per-class scores (probabilities, or SVM decision values)."""
+
+    predicted: np.ndarray
+    scores: np.ndarray
+
+
+@dataclass
+class FittedPipeline:
+    class_names: tuple[str, ...]
+    config: TrainingConfig
+    mean: np.ndarray
+    std: np.ndarray
+    cnn: CellCNN
+    hosvd: HOSVDClassifier
+    svm: Any | None
+    history: TrainingHistory
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.cnn.parameters()).device
+
+    def features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Feature maps and softmax-head probabilities of prepared (n, s, s, 3) uint8 images."""
+        return extract(self.cnn, images, self.mean, self.std, self.device)
+
+    def predict_heads(self, images: np.ndarray) -> dict[str, HeadOutput]:
+        """All three heads on prepared images."""
+        maps, soft = self.features(images)
+        proba = self.hosvd.predict_proba(maps)
+        out = {
+            "hosvd": HeadOutput(proba.argmax(1), proba),
+            "softmax": HeadOutput(soft.argmax(1), soft),
+        }
+        if self.svm is not None:
+            decision = np.asarray(self.svm.decision_function(pooled(maps)))
+            if decision.ndim == 1:
+                decision = np.stack([-decision, decision], axis=1)
+            out["svm"] = HeadOutput(decision.argmax(1), decision)
+        return out
+
+
+def pooled(maps: np.ndarray) -> np.ndarray:
+    """Globally average-pooled feature maps (n, C), the SVM baseline's input."""
+    return maps.reshape(maps.shape[0], maps.shape[1], -1).mean(axis=2)
+
+
+def channel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std in [0, 1] units of (n, H, W, 3) uint8 images."""
+    sample = images[:: max(1, len(images) // 512)].reshape(-1, 3).astype(np.float64) / 255.0
+    return sample.mean(axis=0).astype(np.float32), np.maximum(sample.std(axis=0), 1e-3).astype(np.float32)
+
+
+def fit_pipeline(
+    images: np.ndarray,
+    y: np.ndarray,
+    class_names: tuple[str, ...],
+    config: TrainingConfig,
+    with_svm: bool = True,
+    progress: bool = False,
+    description: str = "training CNN",
+) -> FittedPipeline:
+    """Train the CNN, extract feature maps, fit the HOSVD head (and the SVM baseline)."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    device = resolve_device(config.device)
+    mean, std = channel_statistics(images)
+    cnn_config = CNNConfig(n_classes=len(class_names), widths=config.widths, feature_grid=config.feature_grid)
+    bar = None
+    callback = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.epochs, desc=description, unit="epoch", leave=False)
+
+        def callback(epoch: int, loss: float, accuracy: float) -> None:
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
+            bar.update(1)
+
+    cnn, history = train_cnn(
+        images, y, cnn_config, mean, std, config.epochs, config.seed, device,
+        batch_size=config.batch_size, learning_rate=config.learning_rate, progress=callback,
+    )
+    if bar is not None:
+        bar.close()
+    t0 = time.perf_counter()
+    maps, _ = extract(cnn, images, mean, std, device)
+    t1 = time.perf_counter()
+    hosvd = HOSVDClassifier(cv=config.hosvd_cv, random_state=config.seed).fit(maps, y)
+    t2 = time.perf_counter()
+    svm = None
+    if with_svm:
+        svm = make_pipeline(StandardScaler(), LinearSVC(C=0.5, max_iter=5000, random_state=config.seed))
+        svm.fit(pooled(maps), y)
+    t3 = time.perf_counter()
+    log.info(
+        "HOSVD: ranks (%d, %d), %d basis images, %d sub-classes, inner-CV accuracy %.4f",
+        hosvd.channel_rank_, hosvd.position_rank_, hosvd.n_basis_, hosvd.n_subspaces_, hosvd.cv_accuracy_,
+    )
+    return FittedPipeline(
+        class_names=class_names, config=config, mean=mean, std=std, cnn=cnn, hosvd=hosvd, svm=svm,
+        history=history,
+        seconds={"cnn": history.seconds, "extract": t1 - t0, "hosvd": t2 - t1, "svm": t3 - t2},
+    )

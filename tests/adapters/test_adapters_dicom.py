@@ -1,0 +1,137 @@
+"""DICOM microscopy files: every transfer syntax, single and multi-frame, metadata, bad input."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+
+from leuk_fhir.acquisition import Scope
+from leuk_fhir.adapters import open_acquisition, sniff_format
+from leuk_fhir.adapters.dicom_metadata import VL_MICROSCOPIC, VL_SLIDE_COORDINATES_MICROSCOPIC
+from leuk_fhir.adapters.plugins import all_statuses, require_transfer_syntax
+from leuk_fhir.adapters.synthetic import (
+    LOSSY_TRANSFER_SYNTAXES,
+    SYNTHETIC_TRANSFER_SYNTAXES,
+    dicom_microscopy_dataset,
+    synthetic_smear_field,
+    write_dicom_microscopy,
+)
+from leuk_fhir.errors import ImageTooLargeError, InvalidImageError, UnsupportedFormatError
+from leuk_fhir.settings import ImageSettings
+
+FIELD, _ = synthetic_smear_field(320, 240, white_cells=1, red_cells=8, cell_diameter=60, seed=5)
+
+
+@pytest.mark.parametrize("ts", SYNTHETIC_TRANSFER_SYNTAXES, ids=lambda t: t.keyword or str(t))
+@pytest.mark.parametrize("frames", [1, 3])
+def test_every_transfer_syntax_decodes_frame_by_frame(tmp_path: Path, ts: str, frames: int) -> None:
+    stack = [np.roll(FIELD, 7 * i, axis=1) for i in range(frames)]
+    path = write_dicom_microscopy(tmp_path / "img", stack if frames > 1 else stack[0], transfer_syntax=ts)
+    assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == ts
+    acq = open_acquisition(path)
+    assert acq.pixels.frame_count == frames
+    tolerance = 6.0 if ts in LOSSY_TRANSFER_SYNTAXES else 0.0
+    for i in range(frames):
+        decoded = acq.pixels.read_frame(i)
+        assert decoded.shape == FIELD.shape and decoded.dtype == np.uint8
+        assert np.abs(decoded.astype(int) - stack[i]).mean() <= tolerance, f"frame {i}"
+
+
+def test_metadata_fills_the_neutral_record(tmp_path: Path) -> None:
+    path = write_dicom_microscopy(
+        tmp_path / "meta.bin", FIELD, sop_class=VL_SLIDE_COORDINATES_MICROSCOPIC,
+        patient_id="MRN-77", patient_name="Curie^Marie", accession_number="A-9",
+    )
+    assert sniff_format(path) == "dicom"
+    acq = open_acquisition(path)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    assert acq.source_id == ds.SOPInstanceUID
+    assert acq.patient.identifier == "MRN-77" and acq.patient.name == "Curie^Marie"
+    assert acq.patient.birth_date == date(1980, 2, 14) and acq.patient.sex == "F"
+    assert acq.patient.identifier_system == "urn:leuk-fhir:test-hospital"
+    assert acq.dicom is not None
+    assert acq.dicom.study_uid == ds.StudyInstanceUID and acq.dicom.series_uid == ds.SeriesInstanceUID
+    assert acq.dicom.sop_class_uid == VL_SLIDE_COORDINATES_MICROSCOPIC
+    assert acq.dicom.accession_number == "A-9" and acq.dicom.modality == "SM"
+    assert acq.specimen.identifier == "SLIDE-A-9" and acq.specimen.stain == "Wright-Giemsa stain"
+    assert acq.specimen.type == "peripheral blood smear"
+    assert acq.device.manufacturer == "Synthetic Microscopes Ltd" and acq.device.serial_number == "SN-0042"
+    assert acq.device.model == "SynthScope 3000" and acq.device.software_versions
+    assert acq.acquired_at == datetime(2026, 1, 15, 9, 30)
+    assert acq.media_type == "application/dicom"
+    assert acq.pixels.microns_per_pixel == pytest.approx(0.25)
+    # 320 px at 0.25 um = 80 um: a field, not one cell
+    assert acq.scope == Scope.FIELD
+
+
+def test_small_dicom_with_spacing_is_one_cell(tmp_path: Path, pbc_cell: np.ndarray) -> None:
+    path = write_dicom_microscopy(tmp_path / "cell.dcm", pbc_cell, pixel_spacing_um=0.07)
+    assert open_acquisition(path).scope == Scope.CELL  # 363 px * 0.07 um = 25 um
+
+
+def test_not_dicom_and_truncated_dicom_are_refused(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.dcm"
+    fake.write_bytes(b"\x00" * 128 + b"DICM" + b"garbage" * 10)
+    with pytest.raises(InvalidImageError):
+        open_acquisition(fake)
+    good = write_dicom_microscopy(tmp_path / "good.dcm", FIELD)
+    data = good.read_bytes()
+    for cut in (len(data) // 2, len(data) - 100):
+        path = tmp_path / f"cut{cut}.dcm"
+        path.write_bytes(data[:cut])
+        with pytest.raises(InvalidImageError, match="truncated|corrupt|Pixel Data"):
+            open_acquisition(path).pixels.read_frame()
+    jpeg = write_dicom_microscopy(tmp_path / "j.dcm", [FIELD, FIELD], transfer_syntax=JPEGBaseline8Bit).read_bytes()
+    (tmp_path / "jcut.dcm").write_bytes(jpeg[: len(jpeg) - 3000])
+    with pytest.raises(InvalidImageError):
+        acq = open_acquisition(tmp_path / "jcut.dcm")
+        acq.pixels.read_frame(1)
+
+
+def test_dicom_without_pixel_data_is_refused(tmp_path: Path) -> None:
+    ds = dicom_microscopy_dataset(FIELD)
+    del ds.PixelData
+    path = tmp_path / "nopix.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(InvalidImageError, match=r"no Pixel Data \(7FE0,0010\)"):
+        open_acquisition(path)
+
+
+def test_unsupported_sop_class_names_the_uid(tmp_path: Path) -> None:
+    ds = dicom_microscopy_dataset(FIELD)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT
+    ds.save_as(tmp_path / "ct.dcm", enforce_file_format=True)
+    with pytest.raises(UnsupportedFormatError, match=r"1\.2\.840\.10008\.5\.1\.4\.1\.1\.2 \(CT Image Storage\)"):
+        open_acquisition(tmp_path / "ct.dcm")
+
+
+def test_unsupported_transfer_syntax_names_the_uid(tmp_path: Path) -> None:
+    ds = dicom_microscopy_dataset(FIELD)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 video
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(96)])
+    ds.save_as(tmp_path / "mpeg.dcm", enforce_file_format=True)
+    with pytest.raises(UnsupportedFormatError, match=r"1\.2\.840\.10008\.1\.2\.4\.100"):
+        open_acquisition(tmp_path / "mpeg.dcm")
+    with pytest.raises(UnsupportedFormatError, match="1.2.3.4.5"):
+        require_transfer_syntax("1.2.3.4.5")
+
+
+def test_frame_dimensions_beyond_limit_are_refused(tmp_path: Path) -> None:
+    path = write_dicom_microscopy(tmp_path / "big.dcm", FIELD, transfer_syntax=ExplicitVRLittleEndian)
+    with pytest.raises(ImageTooLargeError, match="320 x 240"):
+        open_acquisition(path, image_settings=ImageSettings(max_pixels=50_000))
+
+
+def test_plugins_report_availability_and_install_hint() -> None:
+    statuses = {s.name: s for s in all_statuses()}
+    assert statuses["openslide"].available and statuses["wsidicom"].available
+    for s in statuses.values():
+        assert s.install_hint.startswith("pip install ")
+    assert all(s.available for name, s in statuses.items() if name.startswith("dicom-"))
+    assert VL_MICROSCOPIC  # accepted SOP class constant is exported

@@ -1,0 +1,68 @@
+"""The classify stage: findings, out-of-distribution answers, thread safety, determinism."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from leuk_fhir.findings import INDETERMINATE, CellFinding
+from leuk_fhir.model import load_classifier
+from leuk_fhir.model.synthetic import generate_cell
+from leuk_fhir.model.training import fit_pipeline
+from leuk_fhir.model.workflow import synthetic_dataset
+
+from .conftest import TINY_CONFIG
+
+
+def test_classify_returns_one_finding_per_crop(tiny_model: Path) -> None:
+    clf = load_classifier(tiny_model, device="cpu")
+    rng = np.random.default_rng(0)
+    crops = [generate_cell("blast", rng, 96) for _ in range(10)] + [generate_cell("normal", rng, 96) for _ in range(10)]
+    crops.append(generate_cell("blast", rng, 150)[:, 10:140])  # another size, not square
+    findings = clf.classify(crops)
+    assert len(findings) == len(crops) and all(isinstance(f, CellFinding) for f in findings)
+    labels = [f.label for f in findings]
+    assert labels[:10].count("blast") >= 9 and labels[10:20].count("normal") >= 9
+    for f in findings:
+        assert f.box is None
+        assert set(f.probabilities) == {"blast", "normal"} == set(f.residuals)
+        assert abs(sum(f.probabilities.values()) - 1) < 1e-6
+        if not f.indeterminate:
+            assert f.label == min(f.residuals, key=f.residuals.__getitem__)
+    assert clf.classify([]) == []
+
+
+def test_noise_and_flat_images_are_indeterminate(tiny_model: Path) -> None:
+    clf = load_classifier(tiny_model, device="cpu")
+    rng = np.random.default_rng(1)
+    odd = [rng.integers(0, 256, (96, 96, 3), dtype=np.uint8) for _ in range(5)]
+    odd += [np.full((96, 96, 3), (30, 200, 40), dtype=np.uint8), np.zeros((64, 64, 3), np.uint8)]
+    findings = clf.classify(odd)
+    assert sum(f.indeterminate for f in findings) >= 6
+    flagged = next(f for f in findings if f.indeterminate)
+    assert flagged.label == INDETERMINATE and flagged.confidence == 0.0
+    assert "out of distribution" in (flagged.indeterminate_reason or "")
+    blurred = ndimage.gaussian_filter(generate_cell("blast", 3, 96), (8, 8, 0))
+    assert clf.run([blurred]).ood_scores[0] > clf.run([generate_cell("blast", 3, 96)]).ood_scores[0]
+
+
+def test_concurrent_callers_get_the_same_answers(tiny_model: Path) -> None:
+    clf = load_classifier(tiny_model, device="cpu")
+    crops = [generate_cell(k, i, 96) for i, k in enumerate(["blast", "normal"] * 6)]
+    expected = [f.residuals for f in clf.classify(crops)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda _: [f.residuals for f in clf.classify(crops)], range(8)))
+    assert all(r == expected for r in results)
+
+
+def test_training_is_deterministic_for_a_seed() -> None:
+    ds = synthetic_dataset(12, seed=2, image_size=TINY_CONFIG.image_size, cell_size=64)
+    runs = [fit_pipeline(ds.images, ds.y, ds.class_names, TINY_CONFIG, with_svm=False) for _ in range(2)]
+    for (name, a), (_, b) in zip(runs[0].cnn.state_dict().items(), runs[1].cnn.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    maps, _ = runs[0].features(ds.images)
+    assert np.array_equal(runs[0].hosvd.residuals(maps), runs[1].hosvd.residuals(maps))

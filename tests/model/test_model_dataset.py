@@ -1,0 +1,120 @@
+"""Dataset readers, duplicate removal and deterministic (grouped) folds."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from leuk_fhir.errors import DatasetError, InvalidImageError
+from leuk_fhir.model.dataset import list_images, load_dataset, stratified_folds
+from leuk_fhir.model.synthetic import generate_cell
+
+LIMIT = 64_000_000
+
+
+def _save(path: Path, kind: str, seed: int, size: int = 64) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(generate_cell(kind, seed, size)).save(path)
+    return path
+
+
+def test_class_folders_with_mixed_sizes_and_formats(tmp_path: Path) -> None:
+    for i in range(4):
+        _save(tmp_path / "blast" / f"b{i}.png", "blast", i, 64 + 16 * i)
+        _save(tmp_path / "normal" / f"n{i}.jpg", "normal", 10 + i, 80)
+    ds = load_dataset(tmp_path, image_size=32, max_pixels=LIMIT)
+    assert ds.class_names == ("blast", "normal")
+    assert ds.images.shape == (8, 32, 32, 3)
+    assert ds.counts() == {"blast": 4, "normal": 4}
+    assert list(ds.y) == [0, 0, 0, 0, 1, 1, 1, 1]
+    again = load_dataset(tmp_path, image_size=32, max_pixels=LIMIT)
+    assert again.fingerprint == ds.fingerprint
+
+
+def test_all_idb_naming(tmp_path: Path) -> None:
+    for i in range(3):
+        _save(tmp_path / f"Im{i:03d}_1.tif", "blast", i)
+        _save(tmp_path / f"Im{10 + i:03d}_0.jpg", "normal", i)
+    items = list_images(tmp_path)
+    assert sorted({i.label for i in items}) == ["blast", "normal"]
+    assert {i.path.name: i.label for i in items}["Im001_1.tif"] == "blast"
+
+
+def test_csv_manifest_groups_never_straddle_a_split(tmp_path: Path) -> None:
+    rows = ["path,label,group"]
+    for patient in range(8):
+        for j in range(3):
+            kind = "blast" if patient % 2 else "normal"
+            name = f"img/p{patient}_{j}.png"
+            _save(tmp_path / name, kind, patient * 10 + j, 40)
+            rows.append(f"{name},{kind},patient{patient}")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    ds = load_dataset(manifest, image_size=24, max_pixels=LIMIT)
+    assert ds.groups is not None and len(ds.labels) == 24
+    folds = stratified_folds(ds.labels, 4, seed=0, groups=ds.groups)
+    for train, test in folds:
+        assert not set(ds.groups[train]) & set(ds.groups[test])
+    assert sorted(np.concatenate([t for _, t in folds]).tolist()) == list(range(24))
+    again = stratified_folds(ds.labels, 4, seed=0, groups=ds.groups)
+    assert all((a[1] == b[1]).all() for a, b in zip(folds, again, strict=True))
+
+
+def test_stratified_folds_are_deterministic_and_balanced() -> None:
+    labels = np.array(["a"] * 20 + ["b"] * 10)
+    folds = stratified_folds(labels, 5, seed=3)
+    assert [sorted(labels[t].tolist()).count("b") for _, t in folds] == [2] * 5
+    assert all((a[1] == b[1]).all() for a, b in zip(folds, stratified_folds(labels, 5, seed=3), strict=True))
+    with pytest.raises(DatasetError, match="fewer than 11 folds"):
+        stratified_folds(labels, 11)
+
+
+def test_byte_identical_duplicates_are_dropped_and_reported(tmp_path: Path) -> None:
+    for i in range(3):
+        _save(tmp_path / "blast" / f"b{i}.png", "blast", i)
+        _save(tmp_path / "normal" / f"n{i}.png", "normal", 20 + i)
+    shutil.copy(tmp_path / "blast" / "b0.png", tmp_path / "blast" / "copy.png")
+    shutil.copy(tmp_path / "blast" / "b1.png", tmp_path / "normal" / "mislabelled.png")
+    ds = load_dataset(tmp_path, image_size=24, max_pixels=LIMIT)
+    assert len(ds.labels) == 6
+    assert ds.duplicates.count == 2
+    assert ds.duplicates.conflicting_labels == (str(tmp_path / "blast" / "b1.png"),)
+    assert ds.summary()["duplicates_dropped"] == 2
+
+
+def test_binary_relabelling(tmp_path: Path) -> None:
+    for name, kind in (("lymphocyte", "normal"), ("monocyte", "blast"), ("neutrophil", "blast")):
+        for i in range(2):
+            _save(tmp_path / name / f"{i}.png", kind, hash(name) % 1000 + i)
+    ds = load_dataset(tmp_path, 24, LIMIT, binary_positive="lymphocyte")
+    assert ds.counts() == {"lymphocyte": 2, "other": 4}
+    with pytest.raises(DatasetError, match="not a class"):
+        load_dataset(tmp_path, 24, LIMIT, binary_positive="blast")
+
+
+def test_bad_datasets_give_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="no such file"):
+        load_dataset(tmp_path / "missing", 24, LIMIT)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no class sub-folders"):
+        load_dataset(tmp_path / "empty", 24, LIMIT)
+    one = tmp_path / "one"
+    _save(one / "blast" / "a.png", "blast", 1)
+    _save(one / "blast" / "b.png", "blast", 2)
+    with pytest.raises(DatasetError, match="at least two classes"):
+        load_dataset(one, 24, LIMIT)
+    (one / "normal").mkdir()
+    with pytest.raises(DatasetError, match="contains no images"):
+        load_dataset(one, 24, LIMIT)
+    _save(one / "normal" / "c.png", "normal", 3)
+    (one / "normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(InvalidImageError, match="broken.png"):
+        load_dataset(one, 24, LIMIT)
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("path,label\nonly-a-path\n")
+    with pytest.raises(DatasetError, match="row 1"):
+        load_dataset(bad_csv, 24, LIMIT)

@@ -1,0 +1,85 @@
+"""`leuk-fhir serve`, `token` and `sample-image`."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from leuk_fhir.cli import main
+from leuk_fhir.service.store import ServiceStore
+
+
+def test_token_create_list_revoke(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "data"
+    assert main(["token", "create", "--role", "clinician", "--name", "Dr X", "--data-dir", str(data)]) == 0
+    out = capsys.readouterr()
+    clear = out.out.strip()
+    assert clear.startswith("lfx_") and "shown once" in out.err
+    store = ServiceStore(data / "service.sqlite3")
+    token = store.find_token(clear)
+    assert token is not None and token.role == "clinician" and token.name == "Dr X"
+    assert main(["token", "list", "--data-dir", str(data)]) == 0
+    listing = capsys.readouterr().out
+    assert token.id in listing and clear not in listing
+    assert main(["token", "revoke", token.id, "--data-dir", str(data)]) == 0
+    assert store.find_token(clear) is None
+    assert main(["token", "revoke", token.id, "--data-dir", str(data)]) == 1  # NotFoundError
+    with pytest.raises(SystemExit):
+        main(["token", "create", "--role", "root", "--name", "x", "--data-dir", str(data)])
+
+
+@pytest.mark.parametrize("kind", ["blast", "normal", "field"])
+def test_sample_image(tmp_path: Path, kind: str) -> None:
+    out = tmp_path / f"{kind}.png"
+    assert main(["sample-image", str(out), "--kind", kind]) == 0
+    with Image.open(out) as image:
+        assert image.mode == "RGB" and min(image.size) >= 64
+
+
+def test_serve_refuses_to_listen_beyond_loopback_without_auth(tmp_path: Path, capsys) -> None:
+    code = main(["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path), "--no-dicom"])
+    assert code == 2
+    assert "--require-auth" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_serve_runs_on_embedded_defaults_and_stops_cleanly(tmp_path: Path) -> None:
+    env = {**os.environ, "LEUK_FHIR_DICOM_PORT": "0"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "leuk_fhir", "serve", "--port", "0", "--data-dir", str(tmp_path / "d")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        assert process.stdout is not None
+        url = None
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            match = re.search(r"serving (http://\S+?)/ ", line)
+            if match:
+                url = match.group(1)
+                break
+        assert url, "".join(lines)
+        assert requests.get(f"{url}/healthz", timeout=5).json()["status"] == "ok"
+        deadline = time.monotonic() + 120
+        while (ready := requests.get(f"{url}/readyz", timeout=5)).status_code != 200:
+            assert time.monotonic() < deadline, ready.text
+            time.sleep(0.2)
+        assert "dicom_listener" in ready.json()["checks"]
+        assert "DEMO" in requests.get(f"{url}/", timeout=5).text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            assert process.wait(30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()

@@ -1,0 +1,174 @@
+"""The service end to end with the real stages: image -> analysis -> findings -> FHIR Bundle ->
+outbox, the blast alert (SSE + Communication), clinician sign-off, restart recovery."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import queue
+import threading
+import time
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for(client, analysis_id: str, timeout_s: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body = client.get(f"/v1/analyses/{analysis_id}").get_json()
+        if body["status"] in ("completed", "failed"):
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"analysis {analysis_id} did not finish in {timeout_s}s")
+
+
+def submit(client, image: bytes, name: str = "cell.png", **fields: str) -> str:
+    response = client.post("/v1/analyses", data={"image": (io.BytesIO(image), name), **fields})
+    assert response.status_code == 202, response.get_json()
+    return response.get_json()["id"]
+
+
+def _entries(bundle: dict, resource_type: str) -> list[dict]:
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == resource_type]
+
+
+@pytest.fixture
+def running_app(make_app):
+    app = make_app(start=True)
+    client = app.test_client()
+    deadline = time.monotonic() + 120
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/readyz").get_json()
+        time.sleep(0.1)
+    return app
+
+
+def test_blast_cell_runs_end_to_end_alerts_and_is_signed_off(running_app, live_server, cell_png) -> None:
+    app = running_app
+    client = app.test_client()
+    server = live_server(app)
+    events: queue.Queue = queue.Queue()
+    stream = requests.get(f"{server.url}/v1/events", stream=True, timeout=30)
+
+    def read() -> None:
+        try:
+            for line in stream.iter_lines(chunk_size=1, decode_unicode=True):
+                if line and line.startswith("data:") and '"outcome"' in line:
+                    events.put(json.loads(line[5:]))
+        except (requests.RequestException, AttributeError, ValueError):
+            pass
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    analysis_id = submit(client, cell_png("blast", 7), ordering_practitioner="Practitioner/dr-x")
+    body = wait_for(client, analysis_id)
+    assert body["status"] == "completed", body["error"]
+    findings = body["findings"]
+    assert body["outcome"] == findings["outcome"] == "blasts-detected"
+    assert body["model"]["is_demo"] is True
+    cell = findings["cells"][0]
+    assert cell["is_blast"] and 0 < cell["confidence"] <= 1
+    assert abs(sum(cell["probabilities"].values()) - 1) < 0.01
+    assert len(cell["box"]) == 4
+    assert findings["image"]["width"] > 0
+
+    bundle = body["fhir_bundle"]
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "transaction"
+    (report,) = _entries(bundle, "DiagnosticReport")
+    assert report["status"] == "preliminary"
+    assert body["report"]["status"] == "preliminary"
+    assert client.get(body["links"]["fhir"]).mimetype == "application/fhir+json"
+    assert client.get(body["links"]["report_pdf"]).data.startswith(b"%PDF")
+    assert b"DEMO" in client.get(body["links"]["report_html"]).data.upper()
+    assert client.get(body["links"]["image"]).data.startswith(b"\x89PNG")
+
+    # the report and the alert Communication wait in the outbox (no EHR configured here)
+    kinds = {d["kind"]: d for d in body["deliveries"]}
+    assert set(kinds) == {"report", "communication"}
+    outbox = app.extensions["leuk_fhir"].outbox
+    communication_bundle = outbox.get_by_key(kinds["communication"]["key"]).bundle
+    (communication,) = _entries(communication_bundle, "Communication")
+    assert communication["recipient"] == [{"reference": "Practitioner/dr-x"}]
+    assert communication["about"][0]["reference"].startswith("DiagnosticReport?")
+    assert outbox.get_by_key(kinds["communication"]["key"]).depends_on == kinds["report"]["key"]
+
+    # the page's live stream carried the alert
+    deadline = time.monotonic() + 10
+    alert = None
+    while alert is None and time.monotonic() < deadline:
+        data = events.get(timeout=10)
+        if data.get("id") == analysis_id and "communication_queued" in data:
+            alert = data
+    assert alert is not None and alert["communication_queued"] is True
+    assert alert["ordering_practitioner"] == "Practitioner/dr-x"
+
+    # a clinician signs off: preliminary -> final, once
+    signed = client.post(f"/v1/analyses/{analysis_id}/sign-off",
+                         json={"signed_off_by": "Dr Ada Haem", "comment": "Agree; refer."})
+    assert signed.status_code == 200, signed.get_json()
+    assert signed.get_json()["report"]["status"] == "final"
+    assert signed.get_json()["report"]["signed_off_by"] == "Dr Ada Haem"
+    again = client.post(f"/v1/analyses/{analysis_id}/sign-off", json={"signed_off_by": "Dr B"})
+    assert again.status_code == 409
+    detail = client.get(f"/v1/analyses/{analysis_id}").get_json()
+    signoff = next(d for d in detail["deliveries"] if d["kind"] == "sign-off")
+    final_bundle = outbox.get_by_key(signoff["key"]).bundle
+    (final_report,) = _entries(final_bundle, "DiagnosticReport")
+    assert final_report["status"] == "final"
+    assert "Dr Ada Haem" in json.dumps(final_bundle)
+    deliveries = client.get("/v1/deliveries").get_json()
+    assert {d["kind"] for d in deliveries["deliveries"]} >= {"report", "communication", "sign-off"}
+    app.extensions["leuk_fhir"].broker.close()  # ends the event stream server-side
+    reader.join(5)
+    stream.close()
+
+
+def test_normal_cell_sends_no_alert(running_app, cell_png) -> None:
+    client = running_app.test_client()
+    body = wait_for(client, submit(client, cell_png("normal", 11)))
+    assert body["status"] == "completed", body["error"]
+    assert body["outcome"] == "no-blasts-detected"
+    assert [d["kind"] for d in body["deliveries"]] == ["report"]
+
+
+def test_truncated_image_fails_with_a_clear_error(running_app, cell_png) -> None:
+    client = running_app.test_client()
+    body = wait_for(client, submit(client, cell_png("blast", 1)[:300]))
+    assert body["status"] == "failed"
+    assert body["error"]["code"] in ("invalid-image", "unsupported-format")
+    assert body["error"]["message"]
+
+
+def test_unfinished_work_survives_a_restart(make_app, cell_png) -> None:
+    first = make_app()  # accepts but never starts its workers: a crash right after 202
+    client = first.test_client()
+    ids = [submit(client, cell_png("normal", seed)) for seed in (21, 22)]
+    first.extensions["leuk_fhir"].store.mark_running(ids[1])  # one was mid-analysis
+    first.extensions["leuk_fhir"].stop()
+
+    second = make_app(start=True)
+    client2 = second.test_client()
+    for analysis_id in ids:
+        body = wait_for(client2, analysis_id)
+        assert body["status"] == "completed", body["error"]
+    assert client2.get(f"/v1/analyses/{ids[1]}").get_json()["attempts"] == 2
+
+
+def test_logs_carry_no_patient_data(running_app, cell_png, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = running_app.test_client()
+    analysis_id = submit(client, cell_png("blast", 5), name="DOE^JANE 1970-01-01.png",
+                         patient_name="DOE^JANE", patient_identifier="MRN-998877",
+                         patient_birth_date="1970-01-01")
+    body = wait_for(client, analysis_id)
+    assert body["status"] == "completed", body["error"]
+    client.post(f"/v1/analyses/{analysis_id}/sign-off", json={"signed_off_by": "Dr Ada Haem"})
+    text = caplog.text
+    assert analysis_id in text
+    for secret in ("DOE", "JANE", "MRN-998877", "1970-01-01"):
+        assert secret not in text
