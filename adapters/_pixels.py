@@ -53,8 +53,7 @@ def check_pixel_limit(width: int, height: int, max_pixels: int, what: str) -> No
         raise InputError(f"{what} has empty pixel dimensions {width} x {height}")
     if width * height > max_pixels:
         raise ImageTooLargeError(
-            f"{what} is {width} x {height} = {width * height:,} pixels, above the limit of "
-            f"{max_pixels:,}",
+            f"{what}: {width} x {height} pixels is above the limit of {max_pixels:,}",
             hint="raise image.max_pixels, or read it tile by tile",
         )
 
@@ -111,7 +110,9 @@ class TiledPixelSource:
         x0, y0 = max(lx, 0), max(ly, 0)
         x1, y1 = min(lx + width, lvl.width), min(ly + height, lvl.height)
         if x1 > x0 and y1 > y0:
-            out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = self._read(x0, y0, x1 - x0, y1 - y0, level, frame)
+            out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = self._read(
+                x0, y0, x1 - x0, y1 - y0, level, frame
+            )
         return out
 
     def iter_tiles(self, tile_size: int, level: int = 0, overlap: int = 0) -> Iterator[Tile]:
@@ -133,7 +134,9 @@ class TiledPixelSource:
                 w, h = min(tile_size, lvl.width - x), min(tile_size, lvl.height - y)
                 pixels = self._read(x, y, w, h, level, frame)
                 yield Tile(
-                    x=round(x * lvl.downsample), y=round(y * lvl.downsample), level=level,
+                    x=round(x * lvl.downsample),
+                    y=round(y * lvl.downsample),
+                    level=level,
                     pixels=pixels,
                 )
 

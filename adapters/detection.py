@@ -43,6 +43,9 @@ class DetectionSettings:
     #: Cell box side = max(nucleus box * ``box_scale``, ``min_box`` * cell diameter).
     box_scale: float = 1.2
     min_box: float = 0.9
+    #: Images whose cells are wider than this are block-averaged down before detection
+    #: (detection needs ~40 px per cell; boxes are scaled back to the input's pixels).
+    working_diameter_px: float = 40.0
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,11 @@ class CellCandidate:
 
 def cell_diameter_px(microns_per_pixel: float | None) -> float:
     """Expected white-cell diameter in level-0 pixels."""
-    return WHITE_CELL_DIAMETER_UM / microns_per_pixel if microns_per_pixel else DEFAULT_CELL_DIAMETER_PX
+    return (
+        WHITE_CELL_DIAMETER_UM / microns_per_pixel
+        if microns_per_pixel
+        else DEFAULT_CELL_DIAMETER_PX
+    )
 
 
 def nucleus_mask(rgb: np.ndarray, threshold: int) -> np.ndarray:
@@ -78,20 +85,43 @@ def detect_white_cells(
     """Find white cells in an (H, W, 3) uint8 RGB image whose cells are ``diameter_px`` wide."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
         return []
+    factor = int(diameter_px // settings.working_diameter_px)
+    if factor > 1 and min(rgb.shape[:2]) >= 2 * factor:
+        small = _downsample(rgb, factor)
+        found = detect_white_cells(small, diameter_px / factor, settings)
+        h, w = rgb.shape[:2]
+        return [
+            CellCandidate(
+                (
+                    c.box[0] * factor,
+                    c.box[1] * factor,
+                    min(c.box[2] * factor, w - c.box[0] * factor),
+                    min(c.box[3] * factor, h - c.box[1] * factor),
+                ),
+                c.nucleus_area * factor * factor,
+                c.stain,
+            )
+            for c in found
+        ]
     mask = nucleus_mask(rgb, settings.stain_threshold)
     if not mask.any():
         return []
     radius = max(1, round(settings.closing_radius * diameter_px))
     structure = _disc(radius)
-    mask = ndimage.binary_closing(np.pad(mask, radius), structure=structure)[radius:-radius, radius:-radius]
+    mask = ndimage.binary_closing(np.pad(mask, radius), structure=structure)[
+        radius:-radius, radius:-radius
+    ]
     mask = ndimage.binary_fill_holes(mask)
     labels, count = ndimage.label(mask)
     if count == 0:
         return []
     cell_area = math.pi * (diameter_px / 2) ** 2
-    min_area, max_area = settings.min_nucleus_area * cell_area, settings.max_nucleus_area * cell_area
+    min_area, max_area = (
+        settings.min_nucleus_area * cell_area,
+        settings.max_nucleus_area * cell_area,
+    )
     areas = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
-    stain = (rgb[..., 2].astype(np.float32) - rgb[..., 1])
+    stain = rgb[..., 2].astype(np.float32) - rgb[..., 1]
     stains = ndimage.mean(stain, labels, index=np.arange(1, count + 1))
     h, w = mask.shape
     out: list[CellCandidate] = []
@@ -109,6 +139,13 @@ def detect_white_cells(
         bx1, by1 = min(w, round(cx + side_w / 2)), min(h, round(cy + side_h / 2))
         out.append(CellCandidate((bx0, by0, bx1 - bx0, by1 - by0), int(areas[i]), float(stains[i])))
     return out
+
+
+def _downsample(rgb: np.ndarray, factor: int) -> np.ndarray:
+    """Block-average by ``factor`` (the edge remainder is dropped)."""
+    h, w = (rgb.shape[0] // factor) * factor, (rgb.shape[1] // factor) * factor
+    blocks = rgb[:h, :w].reshape(h // factor, factor, w // factor, factor, 3)
+    return blocks.mean(axis=(1, 3), dtype=np.float32).astype(np.uint8)
 
 
 def _disc(radius: int) -> np.ndarray:
@@ -157,7 +194,9 @@ class DetectionScore:
         )
 
 
-def score_detections(detected: Sequence[Box], truth: Sequence[Box], criterion: str = "iou") -> DetectionScore:
+def score_detections(
+    detected: Sequence[Box], truth: Sequence[Box], criterion: str = "iou"
+) -> DetectionScore:
     """Greedy one-to-one matching; ``criterion`` is ``iou`` (IoU >= 0.5) or ``centre``
     (the detection's centre lies inside the true box)."""
     unmatched = list(truth)

@@ -67,9 +67,13 @@ def validate_dicom(
     Checks: SOP class accepted, transfer syntax decodable, Pixel Data present and complete
     (native length, encapsulated frame count), dimensions within ``max_pixels`` per frame.
     """
-    sop_class = UID(str(ds.get("SOPClassUID", "") or getattr(ds.file_meta, "MediaStorageSOPClassUID", "")))
+    sop_class = UID(
+        str(ds.get("SOPClassUID", "") or getattr(ds.file_meta, "MediaStorageSOPClassUID", ""))
+    )
     if not sop_class:
-        raise InvalidImageError(f"{name} has no SOP Class UID (0008,0016): not a usable DICOM instance")
+        raise InvalidImageError(
+            f"{name} has no SOP Class UID (0008,0016): not a usable DICOM instance"
+        )
     if sop_class not in ACCEPTED_SOP_CLASSES:
         raise UnsupportedFormatError(
             f"{name}: unsupported SOP class {sop_class} ({sop_class.name or 'unknown'})",
@@ -97,9 +101,12 @@ def validate_dicom(
             raise InvalidImageError(
                 f"{name}: Pixel Data is {length} bytes, {_expected_native_bytes(ds)} expected"
             )
-        if file_size is not None and length != 0xFFFFFFFF:
-            if element.value_tell + length > file_size:
-                raise InvalidImageError(f"{name} is truncated inside its Pixel Data")
+        if (
+            file_size is not None
+            and length != 0xFFFFFFFF
+            and element.value_tell + length > file_size
+        ):
+            raise InvalidImageError(f"{name} is truncated inside its Pixel Data")
         return
     if ts.is_encapsulated:
         from pydicom.encaps import generate_frames

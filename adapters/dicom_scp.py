@@ -32,6 +32,7 @@ from leuk_fhir.adapters.spool import durable_write, safe_uid, spool_path
 from leuk_fhir.errors import ConfigurationError, ImageTooLargeError, LeukFhirError
 from leuk_fhir.settings import DicomSettings, ImageSettings
 
+DEFAULT_IMAGE_SETTINGS = ImageSettings()
 log = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -51,7 +52,7 @@ def _status(code: int, comment: str | None = None) -> Dataset:
     ds = Dataset()
     ds.Status = code
     if comment:
-        ds.ErrorComment = comment[:64]  # LO: 64 characters
+        ds.ErrorComment = comment[:64]  # LO: at most 64 characters, so the essence comes first
     return ds
 
 
@@ -69,14 +70,16 @@ class CStoreReceiver:
         spool_dir: Path,
         on_instance: InstanceCallback,
         *,
-        image_settings: ImageSettings = ImageSettings(),
+        image_settings: ImageSettings = DEFAULT_IMAGE_SETTINGS,
     ) -> None:
         if dicom_settings.analysis_unit not in ("instance", "study"):
             raise ConfigurationError(
                 f"dicom.analysis_unit must be 'instance' or 'study', got {dicom_settings.analysis_unit!r}"
             )
         if not 0 < len(dicom_settings.ae_title.strip()) <= 16:
-            raise ConfigurationError(f"dicom.ae_title must be 1-16 characters: {dicom_settings.ae_title!r}")
+            raise ConfigurationError(
+                f"dicom.ae_title must be 1-16 characters: {dicom_settings.ae_title!r}"
+            )
         self.settings = dicom_settings
         self.image_settings = image_settings
         self.spool_dir = Path(spool_dir)
@@ -123,9 +126,16 @@ class CStoreReceiver:
             ) from exc
         if self.settings.analysis_unit == "study":
             self._stop.clear()
-            self._flusher = threading.Thread(target=self._flush_loop, name="dicom-study-flush", daemon=True)
+            self._flusher = threading.Thread(
+                target=self._flush_loop, name="dicom-study-flush", daemon=True
+            )
             self._flusher.start()
-        log.info("C-STORE SCP %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port)
+        log.info(
+            "C-STORE SCP %s listening on %s:%d",
+            self.settings.ae_title,
+            self.settings.host,
+            self.port,
+        )
 
     def stop(self) -> None:
         if self._server is not None:
@@ -149,26 +159,30 @@ class CStoreReceiver:
     def _log_rejected(self, event: Any) -> None:
         log.warning(
             "association from %s refused (calling AE title %r not in the allow-list)",
-            event.assoc.requestor.address, event.assoc.requestor.ae_title,
+            event.assoc.requestor.address,
+            event.assoc.requestor.ae_title,
         )
 
     def _handle_store(self, event: Any) -> Dataset | int:
         calling = str(event.assoc.requestor.ae_title).strip()
+        sop_uid = ""
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
             sop_uid = str(ds.get("SOPInstanceUID", ""))
-            validate_dicom(ds, self.image_settings, name=f"instance {sop_uid or '?'} from {calling}")
+            validate_dicom(ds, self.image_settings, name="instance")
             data = event.encoded_dataset()
             if len(data) > self.image_settings.max_bytes:
                 raise ImageTooLargeError(
                     f"instance is {len(data):,} bytes, above {self.image_settings.max_bytes:,}"
                 )
             ref = dicom_reference(ds, calling)
-            path = durable_write(spool_path(self.spool_dir, ref.study_uid, ref.sop_instance_uid), data)
+            path = durable_write(
+                spool_path(self.spool_dir, ref.study_uid, ref.sop_instance_uid), data
+            )
         except LeukFhirError as exc:
             self.stats["refused"] += 1
-            log.warning("C-STORE from %s refused: %s", calling, exc)
+            log.warning("C-STORE of %s from %s refused: %s", sop_uid or "?", calling, exc)
             return _status(exc.dicom_status, str(exc))
         except Exception as exc:  # a corrupt data set must not kill the association thread
             self.stats["refused"] += 1
@@ -183,7 +197,9 @@ class CStoreReceiver:
             self.on_instance(path, ref)
         except LeukFhirError as exc:
             self.stats["callback_errors"] += 1
-            log.warning("instance %s stored at %s but not queued: %s", ref.sop_instance_uid, path, exc)
+            log.warning(
+                "instance %s stored at %s but not queued: %s", ref.sop_instance_uid, path, exc
+            )
             return _status(exc.dicom_status, str(exc))
         except Exception as exc:
             self.stats["callback_errors"] += 1
@@ -201,7 +217,8 @@ class CStoreReceiver:
         now = time.monotonic()
         with self._lock:
             ready = [
-                (uid, ref) for uid, (seen, ref) in self._pending.items()
+                (uid, ref)
+                for uid, (seen, ref) in self._pending.items()
                 if force or now - seen >= self.settings.study_idle_s
             ]
             for uid, _ in ready:

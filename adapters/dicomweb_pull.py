@@ -23,6 +23,7 @@ from leuk_fhir.adapters.spool import durable_write, spool_path
 from leuk_fhir.errors import InputError, LeukFhirError, NotFoundError
 from leuk_fhir.settings import ImageSettings
 
+DEFAULT_IMAGE_SETTINGS = ImageSettings()
 log = logging.getLogger(__name__)
 
 SOP_CLASS_TAG = "00080016"
@@ -59,14 +60,19 @@ def pull_study(
     study_uid: str,
     spool_dir: Path,
     *,
-    image_settings: ImageSettings = ImageSettings(),
+    image_settings: ImageSettings = DEFAULT_IMAGE_SETTINGS,
     session: requests.Session | None = None,
     timeout_s: float = 60.0,
+    attempts: int = 3,
 ) -> PulledStudy:
-    """Fetch every analysable instance of ``study_uid`` from the DICOMweb service at ``url``."""
+    """Fetch every analysable instance of ``study_uid`` from the DICOMweb service at ``url``.
+
+    ``attempts`` > 1 retries 408/429/503/504 answers with exponential back-off.
+    """
     from dicomweb_client import DICOMwebClient
 
     client = DICOMwebClient(url=url.rstrip("/"), session=session, timeout=timeout_s)
+    client.set_http_retry_params(retry=attempts > 1, max_attempts=max(attempts, 1))
     try:
         instances = client.search_for_instances(study_instance_uid=study_uid, get_remaining=True)
     except requests.HTTPError as exc:
@@ -100,7 +106,9 @@ def pull_study(
         buffer = io.BytesIO()
         dcmwrite(buffer, ds, enforce_file_format=True)
         ref = dicom_reference(ds)
-        path = durable_write(spool_path(spool_dir, ref.study_uid, ref.sop_instance_uid), buffer.getvalue())
+        path = durable_write(
+            spool_path(spool_dir, ref.study_uid, ref.sop_instance_uid), buffer.getvalue()
+        )
         result.stored.append((path, ref))
         del ds, buffer
     return result

@@ -46,13 +46,25 @@ class PillowPixelSource(TiledPixelSource):
                 self._image = Image.open(self._path)
         except Image.DecompressionBombError as exc:
             raise ImageTooLargeError(f"{self._path.name}: {exc}") from exc
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise InvalidImageError(f"{self._path.name} is not a readable image: {exc}") from exc
+        except (
+            UnidentifiedImageError,
+            OSError,
+            SyntaxError,
+            ValueError,
+            TypeError,
+            KeyError,
+        ) as exc:
+            raise InvalidImageError(
+                f"{self._path.name} is not a readable image (truncated or corrupt): {exc}"
+            ) from exc
         width, height = self._image.size
         check_pixel_limit(width, height, max_pixels, f"image {self._path.name}")
         self.format = self._image.format or "unknown"
         self._levels = (Level(width, height),)
-        self._frame_count = int(getattr(self._image, "n_frames", 1))
+        try:
+            self._frame_count = int(getattr(self._image, "n_frames", 1))
+        except Exception as exc:  # Pillow walks every IFD/frame header here
+            raise InvalidImageError(f"{self._path.name} is truncated or corrupt: {exc}") from exc
         self._cache: tuple[int, np.ndarray] | None = None
         self._mpp = None  # plain images rarely carry a trustworthy pixel spacing
 
@@ -67,7 +79,7 @@ class PillowPixelSource(TiledPixelSource):
             width, height = self._image.size
             check_pixel_limit(width, height, self._max_pixels, f"frame {frame}")
             pixels = _pil_to_rgb(self._image)
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        except (OSError, SyntaxError, ValueError, EOFError, TypeError, KeyError, IndexError) as exc:
             raise InvalidImageError(
                 f"{self._path.name} could not be decoded (truncated or corrupt): {exc}"
             ) from exc

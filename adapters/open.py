@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from leuk_fhir.acquisition import Acquisition, DicomReference, Level, Scope, Transport
+from leuk_fhir.acquisition import Acquisition, Level, Scope, Transport
 from leuk_fhir.adapters._pixels import TiledPixelSource
 from leuk_fhir.adapters.dicom_files import (
     DicomFramePixelSource,
@@ -30,6 +30,7 @@ from leuk_fhir.adapters.slides import OpenSlidePixelSource, WsiDicomPixelSource,
 from leuk_fhir.errors import InputError, InvalidImageError, UnsupportedFormatError
 from leuk_fhir.settings import ImageSettings
 
+DEFAULT_IMAGE_SETTINGS = ImageSettings()
 #: An image no larger than this on its longer side is taken as one cropped cell
 #: (PBC single-cell images are 360 x 363; BCCD smear fields are 640 x 480).
 CELL_MAX_SIDE_PX = 512
@@ -83,7 +84,9 @@ def _is_pyramid_tiff(path: Path, vendor: str) -> bool:
 
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
-            return bool(page.is_tiled) and (len(tif.pages) > 1 or page.imagewidth * page.imagelength > 4096 * 4096)
+            return bool(page.is_tiled) and (
+                len(tif.pages) > 1 or page.imagewidth * page.imagelength > 4096 * 4096
+            )
     except Exception:
         return False
 
@@ -109,7 +112,7 @@ def guess_scope(levels: Sequence[Level], mpp: float | None, pyramidal: bool) -> 
 def open_acquisition(
     path: Path,
     *,
-    image_settings: ImageSettings = ImageSettings(),
+    image_settings: ImageSettings = DEFAULT_IMAGE_SETTINGS,
     transport: Transport = Transport.FILE,
     scope: Scope | None = None,
     calling_ae_title: str | None = None,
@@ -135,14 +138,17 @@ def open_acquisition(
         return _open_dicom_file(path, image_settings, transport, scope, calling_ae_title)
     if fmt.startswith("openslide:"):
         pixels: TiledPixelSource = OpenSlidePixelSource(path, image_settings.max_pixels)
+        digest = _sha256(path)
         return Acquisition(
-            source_id=_sha256(path),
+            source_id=digest,
             pixels=pixels,
             scope=scope or Scope.SLIDE,
             transport=transport,
-            content_sha256=_sha256(path),
+            content_sha256=digest,
             filename=path.name,
-            media_type="image/tiff" if "tiff" in fmt or "aperio" in fmt else "application/octet-stream",
+            media_type="image/tiff"
+            if "tiff" in fmt or "aperio" in fmt
+            else "application/octet-stream",
         )
     pixels = PillowPixelSource(path, image_settings.max_pixels)
     digest = _sha256(path)
@@ -177,7 +183,9 @@ def _open_dicom_file(
     ds = read_dicom(path, name=path.name, defer_pixels=True)
     if str(ds.get("SOPClassUID", "")) == VL_WHOLE_SLIDE_MICROSCOPY:
         return open_dicom_slide(
-            [path], image_settings=image_settings, transport=transport,
+            [path],
+            image_settings=image_settings,
+            transport=transport,
             calling_ae_title=calling_ae_title,
         )
     validate_dicom(ds, image_settings, name=path.name, file_size=path.stat().st_size)
@@ -202,7 +210,7 @@ def _open_dicom_file(
 def open_dicom_slide(
     paths: Sequence[Path],
     *,
-    image_settings: ImageSettings = ImageSettings(),
+    image_settings: ImageSettings = DEFAULT_IMAGE_SETTINGS,
     transport: Transport = Transport.FILE,
     calling_ae_title: str | None = None,
 ) -> Acquisition:
@@ -262,7 +270,8 @@ def _open_dicom_directory(
 ) -> Acquisition:
     """A spooled study: a whole slide when it holds WSI instances, else all frames in order."""
     files = sorted(
-        p for p in folder.rglob("*")
+        p
+        for p in folder.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
     dicoms = []
@@ -275,12 +284,19 @@ def _open_dicom_directory(
     headers = [(p, read_dicom(p, name=p.name, defer_pixels=True)) for p in dicoms]
     if any(str(ds.get("SOPClassUID", "")) == VL_WHOLE_SLIDE_MICROSCOPY for _, ds in headers):
         return open_dicom_slide(
-            [p for p, _ in headers], image_settings=image_settings, transport=transport,
+            [p for p, _ in headers],
+            image_settings=image_settings,
+            transport=transport,
             calling_ae_title=calling_ae_title,
         )
     if len(headers) == 1:
         return _open_dicom_file(headers[0][0], image_settings, transport, scope, calling_ae_title)
-    headers.sort(key=lambda h: (str(h[1].get("SeriesInstanceUID", "")), int(h[1].get("InstanceNumber", 0) or 0)))
+    headers.sort(
+        key=lambda h: (
+            str(h[1].get("SeriesInstanceUID", "")),
+            int(h[1].get("InstanceNumber", 0) or 0),
+        )
+    )
     sources = []
     for p, ds in headers:
         validate_dicom(ds, image_settings, name=p.name, file_size=p.stat().st_size)

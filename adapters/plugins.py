@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from functools import cache
 
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -75,8 +75,11 @@ def openslide_status() -> PluginStatus:
 
         detail = f"OpenSlide {openslide.__library_version__}"
     return PluginStatus(
-        "openslide", ok, "vendor whole-slide formats (Aperio SVS, generic tiled TIFF, ...)",
-        "pip install openslide-python openslide-bin", detail,
+        "openslide",
+        ok,
+        "vendor whole-slide formats (Aperio SVS, generic tiled TIFF, ...)",
+        "pip install openslide-python openslide-bin",
+        detail,
     )
 
 
@@ -84,8 +87,11 @@ def openslide_status() -> PluginStatus:
 def wsidicom_status() -> PluginStatus:
     ok, detail = _importable("wsidicom")
     return PluginStatus(
-        "wsidicom", ok, "DICOM VL Whole Slide Microscopy (multi-instance pyramids)",
-        "pip install wsidicom", detail,
+        "wsidicom",
+        ok,
+        "DICOM VL Whole Slide Microscopy (multi-instance pyramids)",
+        "pip install wsidicom",
+        detail,
     )
 
 
@@ -121,8 +127,10 @@ def codec_statuses() -> list[PluginStatus]:
     for uid, package in TRANSFER_SYNTAX_PACKAGES.items():
         out.append(
             PluginStatus(
-                f"dicom-{UID(uid).keyword or uid}", decoder_available(uid),
-                f"DICOM transfer syntax {uid} ({UID(uid).name})", f"pip install {package}",
+                f"dicom-{UID(uid).keyword or uid}",
+                decoder_available(uid),
+                f"DICOM transfer syntax {uid} ({UID(uid).name})",
+                f"pip install {package}",
             )
         )
     return out

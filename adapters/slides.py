@@ -38,6 +38,7 @@ def check_wsi_instances(paths: Sequence[Path]) -> None:
     if not paths:
         raise InvalidImageError("no DICOM files given for the whole slide")
     volumes = []
+    wsi_count = 0
     for path in paths:
         try:
             import pydicom
@@ -48,6 +49,7 @@ def check_wsi_instances(paths: Sequence[Path]) -> None:
         if str(ds.get("SOPClassUID", "")) != VL_WHOLE_SLIDE_MICROSCOPY:
             continue  # labels, overviews in other SOP classes are simply not used
         require_transfer_syntax(str(ds.file_meta.TransferSyntaxUID))
+        wsi_count += 1
         if not _is_volume(ds):
             continue
         volumes.append(ds)
@@ -66,7 +68,11 @@ def check_wsi_instances(paths: Sequence[Path]) -> None:
                     f"{expected} tiles"
                 )
     if not volumes:
-        raise MissingLevelError("no VL Whole Slide Microscopy VOLUME instance among the files")
+        raise MissingLevelError(
+            f"none of the {wsi_count} VL Whole Slide Microscopy instance(s) is a pyramid level "
+            "(Image Type (0008,0008) value 3 VOLUME is missing)",
+            hint="send the slide's VOLUME instances; older converters omit Image Type",
+        )
     if not any(str(v.ImageType[0]).upper() == "ORIGINAL" for v in volumes):
         largest = max(int(v.TotalPixelMatrixColumns) for v in volumes)
         raise MissingLevelError(
@@ -106,7 +112,9 @@ class WsiDicomPixelSource(TiledPixelSource):
         self.first_dataset = read_dicom(Path(paths[0]), defer_pixels=True)
 
     def _read(self, x: int, y: int, width: int, height: int, level: int, frame: int) -> np.ndarray:
-        arr = self._slide.read_region((x, y), self._wsi_levels[level], (width, height), as_array=True)
+        arr = self._slide.read_region(
+            (x, y), self._wsi_levels[level], (width, height), as_array=True
+        )
         return to_rgb_uint8(arr)
 
     def close(self) -> None:
@@ -133,7 +141,9 @@ class OpenSlidePixelSource(TiledPixelSource):
         self.properties = dict(self._slide.properties)
         self._levels = tuple(
             Level(w, h, float(ds))
-            for (w, h), ds in zip(self._slide.level_dimensions, self._slide.level_downsamples, strict=True)
+            for (w, h), ds in zip(
+                self._slide.level_dimensions, self._slide.level_downsamples, strict=True
+            )
         )
         self._max_pixels = max_pixels
         mpp = self.properties.get(openslide.PROPERTY_NAME_MPP_X)

@@ -32,6 +32,7 @@ from leuk_fhir.adapters.spool import durable_write, spool_path
 from leuk_fhir.errors import ImageTooLargeError, InputError, LeukFhirError, UnsupportedFormatError
 from leuk_fhir.settings import ImageSettings
 
+DEFAULT_IMAGE_SETTINGS = ImageSettings()
 log = logging.getLogger(__name__)
 
 DICOM_MEDIA_TYPE = "application/dicom"
@@ -109,7 +110,9 @@ class StowResult:
                     ref = s.reference
                     item["00081190"] = {
                         "vr": "UR",
-                        "Value": [f"{root}/studies/{ref.study_uid}/series/{ref.series_uid}/instances/{ref.sop_instance_uid}"],
+                        "Value": [
+                            f"{root}/studies/{ref.study_uid}/series/{ref.series_uid}/instances/{ref.sop_instance_uid}"
+                        ],
                     }
                 items.append(item)
             out["00081199"] = {"vr": "SQ", "Value": items}
@@ -118,8 +121,12 @@ class StowResult:
                 "vr": "SQ",
                 "Value": [
                     {
-                        "00081150": {"vr": "UI", "Value": [f.sop_class_uid]} if f.sop_class_uid else {"vr": "UI"},
-                        "00081155": {"vr": "UI", "Value": [f.sop_instance_uid]} if f.sop_instance_uid else {"vr": "UI"},
+                        "00081150": {"vr": "UI", "Value": [f.sop_class_uid]}
+                        if f.sop_class_uid
+                        else {"vr": "UI"},
+                        "00081155": {"vr": "UI", "Value": [f.sop_instance_uid]}
+                        if f.sop_instance_uid
+                        else {"vr": "UI"},
                         "00081197": {"vr": "US", "Value": [f.failure_reason]},
                     }
                     for f in self.failed
@@ -131,7 +138,9 @@ class StowResult:
 def _params(content_type: str) -> tuple[str, dict[str, str]]:
     main, *rest = content_type.split(";")
     params: dict[str, str] = {}
-    for item in re.findall(r';\s*([A-Za-z0-9_\-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)', ";" + ";".join(rest)):
+    for item in re.findall(
+        r';\s*([A-Za-z0-9_\-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)', ";" + ";".join(rest)
+    ):
         key, value = item
         value = value.strip()
         if value.startswith('"') and value.endswith('"'):
@@ -199,7 +208,7 @@ def store_stow(
     request: StowRequest,
     *,
     spool_dir: Path,
-    image_settings: ImageSettings = ImageSettings(),
+    image_settings: ImageSettings = DEFAULT_IMAGE_SETTINGS,
     study_uid: str | None = None,
 ) -> StowResult:
     """Validate and durably spool each part; failures are recorded, never raised."""
@@ -210,9 +219,13 @@ def store_stow(
         try:
             media = part.content_type.split(";")[0].strip().lower()
             if media != DICOM_MEDIA_TYPE:
-                raise UnsupportedFormatError(f"{name} has Content-Type {media!r}, not {DICOM_MEDIA_TYPE}")
+                raise UnsupportedFormatError(
+                    f"{name} has Content-Type {media!r}, not {DICOM_MEDIA_TYPE}"
+                )
             if len(part.data) > image_settings.max_bytes:
-                raise ImageTooLargeError(f"{name} is {len(part.data):,} bytes, above {image_settings.max_bytes:,}")
+                raise ImageTooLargeError(
+                    f"{name} is {len(part.data):,} bytes, above {image_settings.max_bytes:,}"
+                )
             if not is_dicom_bytes(part.data[:132]):
                 raise InputError(f"{name} is not a DICOM Part 10 file (no DICM preamble)")
             ds = read_dicom(part.data, name=name)
@@ -223,12 +236,18 @@ def store_stow(
             validate_dicom(ds, image_settings, name=f"{name} ({sop_instance})")
             ref = dicom_reference(ds)
             if study_uid and ref.study_uid != study_uid:
-                result.failed.append(FailedInstance(
-                    sop_class, sop_instance, FAILURE_STUDY_MISMATCH,
-                    f"{name} belongs to study {ref.study_uid}, not {study_uid}",
-                ))
+                result.failed.append(
+                    FailedInstance(
+                        sop_class,
+                        sop_instance,
+                        FAILURE_STUDY_MISMATCH,
+                        f"{name} belongs to study {ref.study_uid}, not {study_uid}",
+                    )
+                )
                 continue
-            path = durable_write(spool_path(spool_dir, ref.study_uid, ref.sop_instance_uid), part.data)
+            path = durable_write(
+                spool_path(spool_dir, ref.study_uid, ref.sop_instance_uid), part.data
+            )
         except LeukFhirError as exc:
             reason = exc.dicom_status if exc.dicom_status else FAILURE_CANNOT_UNDERSTAND
             log.warning("STOW-RS %s refused: %s", name, exc)
@@ -243,20 +262,26 @@ def handle_stow(
     content_type: str | None,
     *,
     spool_dir: Path,
-    image_settings: ImageSettings = ImageSettings(),
+    image_settings: ImageSettings = DEFAULT_IMAGE_SETTINGS,
     study_uid: str | None = None,
 ) -> StowResult:
     """Parse, validate and spool a STOW-RS request (see the module docstring)."""
     return store_stow(
-        parse_stow(body, content_type), spool_dir=spool_dir, image_settings=image_settings,
+        parse_stow(body, content_type),
+        spool_dir=spool_dir,
+        image_settings=image_settings,
         study_uid=study_uid,
     )
 
 
-def build_stow_body(instances: list[bytes], boundary: str = "leuk-fhir-stow-boundary") -> tuple[bytes, str]:
+def build_stow_body(
+    instances: list[bytes], boundary: str = "leuk-fhir-stow-boundary"
+) -> tuple[bytes, str]:
     """A multipart/related body for ``instances`` and its Content-Type (for clients and tests)."""
     chunks = []
     for data in instances:
-        chunks.append(f"--{boundary}\r\nContent-Type: {DICOM_MEDIA_TYPE}\r\n\r\n".encode() + data + b"\r\n")
+        chunks.append(
+            f"--{boundary}\r\nContent-Type: {DICOM_MEDIA_TYPE}\r\n\r\n".encode() + data + b"\r\n"
+        )
     chunks.append(f"--{boundary}--\r\n".encode())
     return b"".join(chunks), f'multipart/related; type="{DICOM_MEDIA_TYPE}"; boundary={boundary}'

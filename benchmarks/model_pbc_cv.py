@@ -51,16 +51,34 @@ def main() -> int:
     report = json.loads((out / "report.json").read_text())
     print(f"\n== {name}: {report['images']} images, {args.folds} folds")
     for head, s in report["heads"].items():
-        print(f"{head:8s} accuracy {100 * s['accuracy_mean']:6.2f}% +- {100 * s['accuracy_std']:.2f}  "
-              f"macro-F1 {100 * (s['macro_f1_mean'] or 0):.2f}%  macro-AUC {100 * (s['macro_auc_mean'] or 0):.2f}%")
-    print(f"HOSVD indeterminate on held-out in-distribution cells: {100 * report['indeterminate_rate_mean']:.2f}%")
+        print(
+            f"{head:8s} accuracy {100 * s['accuracy_mean']:6.2f}% +- {100 * s['accuracy_std']:.2f}  "
+            f"macro-F1 {100 * (s['macro_f1_mean'] or 0):.2f}%  macro-AUC {100 * (s['macro_auc_mean'] or 0):.2f}%"
+        )
+    print(
+        f"HOSVD indeterminate on held-out in-distribution cells: {100 * report['indeterminate_rate_mean']:.2f}%"
+    )
     sel = [f["hosvd_selection"] for f in report["per_fold"]]
-    print("HOSVD selections per fold:", [(s["channel_rank"], s["position_rank"], s["n_basis"], s["n_subspaces"]) for s in sel])
-    print(f"wall time {wall / 60:.1f} min; CPU time {cpu / 60:.1f} min "
-          f"({100 * cpu / wall / (os.cpu_count() or 1):.0f}% of {os.cpu_count()} cores); "
-          f"load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}")
-    summary = {"name": name, "wall_s": wall, "cpu_s": cpu, "load_before": load_before, "load_after": os.getloadavg(),
-               "heads": {h: {"accuracy_mean": s["accuracy_mean"], "accuracy_std": s["accuracy_std"]} for h, s in report["heads"].items()}}
+    print(
+        "HOSVD selections per fold:",
+        [(s["channel_rank"], s["position_rank"], s["n_basis"], s["n_subspaces"]) for s in sel],
+    )
+    print(
+        f"wall time {wall / 60:.1f} min; CPU time {cpu / 60:.1f} min "
+        f"({100 * cpu / wall / (os.cpu_count() or 1):.0f}% of {os.cpu_count()} cores); "
+        f"load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}"
+    )
+    summary = {
+        "name": name,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "heads": {
+            h: {"accuracy_mean": s["accuracy_mean"], "accuracy_std": s["accuracy_std"]}
+            for h, s in report["heads"].items()
+        },
+    }
     (out / "benchmark.json").write_text(json.dumps(summary, indent=2))
     return 0
 

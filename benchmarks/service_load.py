@@ -29,8 +29,9 @@ import requests
 
 
 def _pngs(count: int) -> list[bytes]:
-    from leuk_fhir.model.synthetic import generate_cell
     from PIL import Image
+
+    from leuk_fhir.model.synthetic import generate_cell
 
     out = []
     for i in range(count):

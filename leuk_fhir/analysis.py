@@ -32,6 +32,8 @@ from leuk_fhir.adapters.detection import (
 from leuk_fhir.findings import CellFinding, Findings, ModelInfo
 from leuk_fhir.settings import ImageSettings
 
+DEFAULT_IMAGE_SETTINGS = ImageSettings()
+DEFAULT_DETECTION_SETTINGS = DetectionSettings()
 log = logging.getLogger(__name__)
 
 #: Cells are detected at the coarsest level where they are still this many pixels across.
@@ -104,9 +106,9 @@ class _BatchClassifier:
 def analyze(
     acquisition: Acquisition,
     classifier: Classifier,
-    image_settings: ImageSettings = ImageSettings(),
+    image_settings: ImageSettings = DEFAULT_IMAGE_SETTINGS,
     *,
-    detection: DetectionSettings = DetectionSettings(),
+    detection: DetectionSettings = DEFAULT_DETECTION_SETTINGS,
     progress: Callable[[int, int], None] | None = None,
 ) -> Findings:
     """Classify every white cell of ``acquisition``; return per-cell evidence and aggregates.
@@ -143,9 +145,7 @@ def choose_detection_level(acquisition: Acquisition) -> int:
     return best
 
 
-def slide_tiles(
-    acquisition: Acquisition, tile_size: int
-) -> tuple[int, int, int, float]:
+def slide_tiles(acquisition: Acquisition, tile_size: int) -> tuple[int, int, int, float]:
     """(level, tile size, overlap, cell diameter at level) used to stream a slide."""
     level = choose_detection_level(acquisition)
     lvl = acquisition.pixels.levels[level]
@@ -183,8 +183,10 @@ def _analyze_slide(
                 continue  # another tile owns this cell (overlap de-duplication)
             bx, by, bw, bh = cand.box
             box0 = (
-                round((tx + bx) * lvl.downsample), round((ty + by) * lvl.downsample),
-                round(bw * lvl.downsample), round(bh * lvl.downsample),
+                round((tx + bx) * lvl.downsample),
+                round((ty + by) * lvl.downsample),
+                round(bw * lvl.downsample),
+                round(bh * lvl.downsample),
             )
             x, y, side = square_crop_box(box0)
             crop = pixels.read_region(x, y, side, side, 0)
@@ -195,3 +197,41 @@ def _analyze_slide(
 
 def _tiles(pixels: object, tile_size: int, level: int, overlap: int) -> Iterator:
     return pixels.iter_tiles(tile_size, level=level, overlap=overlap)  # type: ignore[attr-defined]
+
+
+def findings_summary(findings: Findings, *, cells: bool = True) -> dict:
+    """A JSON-ready summary: counts, blast percentage, outcome and (optionally) per-cell evidence."""
+    acq = findings.acquisition
+    out: dict = {
+        "source_id": acq.source_id,
+        "filename": acq.filename,
+        "scope": str(acq.scope),
+        "model": {
+            "name": findings.model.name,
+            "version": findings.model.version,
+            "is_demo": findings.model.is_demo,
+        },
+        "cells_total": len(findings.cells),
+        "cells_classified": findings.classified_count,
+        "counts": findings.counts,
+        "blast_count": findings.blast_count,
+        "blast_percentage": findings.blast_percentage,
+        "outcome": str(findings.outcome),
+        "confidence": round(findings.confidence, 4),
+    }
+    if cells:
+        out["cells"] = [
+            {
+                "label": c.label,
+                "confidence": round(c.confidence, 4),
+                "box": list(c.box) if c.box else None,
+                "frame": c.frame,
+                **(
+                    {"indeterminate_reason": c.indeterminate_reason}
+                    if c.indeterminate_reason
+                    else {}
+                ),
+            }
+            for c in findings.cells
+        ]
+    return out

@@ -79,7 +79,10 @@ def write_artifact(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
-        for name, data in [(_MANIFEST, json.dumps(full, indent=1, sort_keys=True).encode()), *entries.items()]:
+        for name, data in [
+            (_MANIFEST, json.dumps(full, indent=1, sort_keys=True).encode()),
+            *entries.items(),
+        ]:
             info = zipfile.ZipInfo(name, date_time=_FIXED_TIME)
             info.compress_type = zipfile.ZIP_DEFLATED
             archive.writestr(info, data)
@@ -100,9 +103,13 @@ def read_artifact(source: Path | bytes, where: str | None = None) -> ModelArtifa
             try:
                 manifest = json.loads(archive.read(_MANIFEST))
             except KeyError as exc:
-                raise ModelArtifactError(f"{where}: not a leuk-fhir model (no {_MANIFEST})") from exc
+                raise ModelArtifactError(
+                    f"{where}: not a leuk-fhir model (no {_MANIFEST})"
+                ) from exc
             if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-                raise ModelArtifactError(f"{where}: not a leuk-fhir model file (format {manifest.get('format')!r})")
+                raise ModelArtifactError(
+                    f"{where}: not a leuk-fhir model file (format {manifest.get('format')!r})"
+                )
             version = manifest.get("format_version")
             if version != FORMAT_VERSION:
                 raise ModelArtifactError(
@@ -115,13 +122,23 @@ def read_artifact(source: Path | bytes, where: str | None = None) -> ModelArtifa
             for name, meta in manifest["entries"].items():
                 data = archive.read(name)
                 if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-                    raise ModelArtifactError(f"{where}: entry {name} does not match its digest (tampered or corrupt)")
+                    raise ModelArtifactError(
+                        f"{where}: entry {name} does not match its digest (tampered or corrupt)"
+                    )
                 array = np.load(io.BytesIO(data), allow_pickle=False)
                 key = name.split("/", 2)[2].removesuffix(".npy")
                 (cnn if name.startswith("arrays/cnn/") else hosvd)[key] = array
     except ModelArtifactError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, KeyError, ValueError, TypeError, OSError) as exc:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        EOFError,
+        KeyError,
+        ValueError,
+        TypeError,
+        OSError,
+    ) as exc:
         raise ModelArtifactError(f"{where}: model file is corrupt or truncated ({exc})") from exc
     for key in ("name", "version", "classes", "preprocessing", "cnn", "hosvd"):
         if key not in manifest:

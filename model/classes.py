@@ -14,7 +14,16 @@ LYMPHOBLAST = ("15433008", "Lymphoblast")
 LYMPHOCYTE = ("56972008", "Lymphocyte")
 MONOCYTE = ("55918008", "Monocyte")
 
-_BLAST_NAMES = {"blast", "blasts", "lymphoblast", "lymphoblasts", "all", "1", "malignant", "leukemic"}
+_BLAST_NAMES = {
+    "blast",
+    "blasts",
+    "lymphoblast",
+    "lymphoblasts",
+    "all",
+    "1",
+    "malignant",
+    "leukemic",
+}
 _NORMAL_NAMES = {"normal", "healthy", "0", "hem", "benign", "non-malignant"}
 
 # name -> (display, is_blast, code)

@@ -57,7 +57,9 @@ class CellClassifier:
             self.std = np.asarray(prep["std"], dtype=np.float32)
             arch = manifest["cnn"]
             config = CNNConfig(
-                n_classes=int(arch["n_classes"]), widths=tuple(arch["widths"]), feature_grid=int(arch["feature_grid"])
+                n_classes=int(arch["n_classes"]),
+                widths=tuple(arch["widths"]),
+                feature_grid=int(arch["feature_grid"]),
             )
             self.cnn = CellCNN(config)
             state = {k: torch.from_numpy(np.array(v)) for k, v in artifact.cnn_state.items()}
@@ -65,10 +67,16 @@ class CellClassifier:
             self.cnn.to(self.device).eval()
             self.hosvd = HOSVDClassifier.from_state(manifest["hosvd"], artifact.hosvd_arrays)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise ModelArtifactError(f"model file does not match this leuk-fhir's model architecture: {exc}") from exc
+            raise ModelArtifactError(
+                f"model file does not match this leuk-fhir's model architecture: {exc}"
+            ) from exc
         self.class_names = tuple(c.name for c in artifact.classes)
-        if len(self.hosvd.classes_) != len(self.class_names) or self.cnn.config.n_classes != len(self.class_names):
-            raise ModelArtifactError("model file is inconsistent: class list differs from the HOSVD classes")
+        if len(self.hosvd.classes_) != len(self.class_names) or self.cnn.config.n_classes != len(
+            self.class_names
+        ):
+            raise ModelArtifactError(
+                "model file is inconsistent: class list differs from the HOSVD classes"
+            )
         self._lock = threading.Lock()
         from leuk_fhir.model.model_card import render_model_card
 
@@ -86,10 +94,14 @@ class CellClassifier:
         """Probabilities, residuals, OOD scores and softmax-head output for RGB crops."""
         batch = prepare_batch(images, self.image_size)
         with self._lock, torch.inference_mode():
-            maps, soft = extract(self.cnn, batch, self.mean, self.std, self.device, batch_size=self.batch_size)
+            maps, soft = extract(
+                self.cnn, batch, self.mean, self.std, self.device, batch_size=self.batch_size
+            )
         residuals = self.hosvd.residuals(maps)
         return ClassificationBatch(
-            probabilities=self.hosvd.predict_proba(maps) if len(maps) else np.zeros((0, len(self.class_names))),
+            probabilities=self.hosvd.predict_proba(maps)
+            if len(maps)
+            else np.zeros((0, len(self.class_names))),
             residuals=residuals,
             ood_scores=self.hosvd.out_of_distribution_scores(residuals),
             softmax=soft,
@@ -118,7 +130,9 @@ class CellClassifier:
                 )
             else:
                 label = self.class_names[int(np.argmin(res))]
-                findings.append(CellFinding(label=label, probabilities=probabilities, residuals=residuals))
+                findings.append(
+                    CellFinding(label=label, probabilities=probabilities, residuals=residuals)
+                )
         return findings
 
 
@@ -133,9 +147,15 @@ def _demo_model_bytes() -> bytes:
         ) from exc
 
 
-def load_classifier(path: Path | None = None, device: str = "auto", batch_size: int = 64) -> CellClassifier:
+def load_classifier(
+    path: Path | None = None, device: str = "auto", batch_size: int = 64
+) -> CellClassifier:
     """Load a model file; ``None`` loads the bundled demo model (not for clinical use)."""
-    artifact = read_artifact(_demo_model_bytes(), where="bundled demo model") if path is None else read_artifact(Path(path))
+    artifact = (
+        read_artifact(_demo_model_bytes(), where="bundled demo model")
+        if path is None
+        else read_artifact(Path(path))
+    )
     return CellClassifier(artifact, device=device, batch_size=batch_size)
 
 

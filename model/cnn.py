@@ -69,7 +69,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def to_tensor(batch: np.ndarray, mean: np.ndarray, std: np.ndarray, device: torch.device) -> torch.Tensor:
+def to_tensor(
+    batch: np.ndarray, mean: np.ndarray, std: np.ndarray, device: torch.device
+) -> torch.Tensor:
     """(n, H, W, 3) uint8 to normalised (n, 3, H, W) float32 on ``device``."""
     x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float() / 255.0
     m = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
@@ -133,13 +135,20 @@ def train_cnn(
     optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=5e-4)
     steps_per_epoch = max(1, math.ceil(len(images) / batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=learning_rate, total_steps=max(1, epochs * steps_per_epoch), pct_start=0.25
+        optimiser,
+        max_lr=learning_rate,
+        total_steps=max(1, epochs * steps_per_epoch),
+        pct_start=0.25,
     )
     m = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     # Class-balanced loss weights, so a minority class (blasts) is not drowned out.
     counts = np.bincount(y, minlength=config.n_classes).astype(np.float64)
-    weights = torch.as_tensor(counts.sum() / (config.n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+    weights = torch.as_tensor(
+        counts.sum() / (config.n_classes * np.maximum(counts, 1)),
+        dtype=torch.float32,
+        device=device,
+    )
     targets_all = torch.as_tensor(y, dtype=torch.long)
     losses: list[float] = []
     accuracies: list[float] = []
@@ -160,7 +169,7 @@ def train_cnn(
             loss.backward()
             optimiser.step()
             schedule.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == target).sum())
             seen += len(idx)
         losses.append(total / max(seen, 1))
@@ -168,12 +177,18 @@ def train_cnn(
         if progress is not None:
             progress(epoch + 1, losses[-1], accuracies[-1])
     model.eval()
-    return model, TrainingHistory(epochs, tuple(losses), tuple(accuracies), time.perf_counter() - start)
+    return model, TrainingHistory(
+        epochs, tuple(losses), tuple(accuracies), time.perf_counter() - start
+    )
 
 
 @torch.no_grad()
 def extract(
-    model: CellCNN, images: np.ndarray, mean: np.ndarray, std: np.ndarray, device: torch.device,
+    model: CellCNN,
+    images: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    device: torch.device,
     batch_size: int = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Feature maps (n, C, g, g) float32 and softmax-head probabilities (n, classes)."""
@@ -188,5 +203,7 @@ def extract(
     if not feats:
         n_cls = model.config.n_classes
         g = model.config.feature_grid
-        return np.zeros((0, model.config.widths[-1], g, g), np.float32), np.zeros((0, n_cls), np.float32)
+        return np.zeros((0, model.config.widths[-1], g, g), np.float32), np.zeros(
+            (0, n_cls), np.float32
+        )
     return np.concatenate(feats), np.concatenate(probs)

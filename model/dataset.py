@@ -67,7 +67,9 @@ class CellDataset:
         return np.searchsorted(np.array(self.class_names), self.labels)
 
     def counts(self) -> dict[str, int]:
-        return {str(c): int(n) for c, n in zip(*np.unique(self.labels, return_counts=True), strict=True)}
+        return {
+            str(c): int(n) for c, n in zip(*np.unique(self.labels, return_counts=True), strict=True)
+        }
 
     def summary(self) -> dict[str, object]:
         return {
@@ -82,7 +84,9 @@ class CellDataset:
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return (
+        path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    )
 
 
 def list_images(source: Path) -> list[LabelledImage]:
@@ -92,11 +96,18 @@ def list_images(source: Path) -> list[LabelledImage]:
         raise DatasetError(f"{source}: no such file or folder")
     if source.is_file():
         if source.suffix.lower() != ".csv":
-            raise DatasetError(f"{source}: expected a folder or a CSV manifest (path,label[,group])")
+            raise DatasetError(
+                f"{source}: expected a folder or a CSV manifest (path,label[,group])"
+            )
         return _read_manifest(source)
     files = sorted(p for p in source.iterdir() if _is_image(p))
-    if files and all(ALL_IDB_PATTERN.match(p.name) for p in files):
-        return [LabelledImage(p, ALL_IDB_LABELS[ALL_IDB_PATTERN.match(p.name).group(1)]) for p in files]  # type: ignore[union-attr]
+    matches = [ALL_IDB_PATTERN.match(p.name) for p in files]
+    if files and all(matches):
+        return [
+            LabelledImage(p, ALL_IDB_LABELS[m.group(1)])
+            for p, m in zip(files, matches, strict=True)
+            if m is not None
+        ]
     folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise DatasetError(
@@ -106,7 +117,9 @@ def list_images(source: Path) -> list[LabelledImage]:
     for folder in folders:
         found = sorted(p for p in folder.rglob("*") if _is_image(p))
         if not found:
-            raise DatasetError(f"class folder {folder} contains no images", hint="remove it or add images")
+            raise DatasetError(
+                f"class folder {folder} contains no images", hint="remove it or add images"
+            )
         items += [LabelledImage(p, folder.name) for p in found]
     return items
 
@@ -133,7 +146,9 @@ def _read_manifest(path: Path) -> list[LabelledImage]:
     return items
 
 
-def drop_duplicates(items: list[LabelledImage]) -> tuple[list[LabelledImage], list[bytes], DuplicateReport]:
+def drop_duplicates(
+    items: list[LabelledImage],
+) -> tuple[list[LabelledImage], list[bytes], DuplicateReport]:
     """Keep the first of each set of byte-identical files; return kept items, their bytes."""
     seen: dict[str, LabelledImage] = {}
     kept: list[LabelledImage] = []
@@ -175,8 +190,13 @@ def load_dataset(
     if binary_positive is not None:
         names = {i.label for i in items}
         if binary_positive not in names:
-            raise DatasetError(f"--binary-positive {binary_positive!r} is not a class of {source} ({sorted(names)})")
-        items = [LabelledImage(i.path, i.label if i.label == binary_positive else "other", i.group) for i in items]
+            raise DatasetError(
+                f"--binary-positive {binary_positive!r} is not a class of {source} ({sorted(names)})"
+            )
+        items = [
+            LabelledImage(i.path, i.label if i.label == binary_positive else "other", i.group)
+            for i in items
+        ]
     labels = np.array([i.label for i in items])
     class_names = tuple(sorted(set(labels.tolist())))
     if len(class_names) < 2:
@@ -191,7 +211,9 @@ def load_dataset(
 
         iterator = iter(tqdm(range(len(items)), desc="decoding images", unit="img"))
     for i in iterator:
-        images[i] = square_resize(decode_image(raw[i], max_pixels, where=str(items[i].path)), image_size)
+        images[i] = square_resize(
+            decode_image(raw[i], max_pixels, where=str(items[i].path)), image_size
+        )
     fingerprint = hashlib.sha256()
     for item, data in sorted(zip(items, raw, strict=True), key=lambda t: str(t[0].path)):
         fingerprint.update(hashlib.sha256(data).digest() + item.label.encode() + b"\0")

@@ -19,11 +19,15 @@ from leuk_fhir.model.dataset import CellDataset, stratified_folds
 from leuk_fhir.model.training import HEADS, TrainingConfig, fit_pipeline
 
 
-def per_class_metrics(y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray, n_classes: int) -> dict[str, list[float | None]]:
+def per_class_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray, n_classes: int
+) -> dict[str, list[float | None]]:
     """Sensitivity, specificity, precision, F1 and one-vs-rest AUC for each class index."""
     from sklearn.metrics import roc_auc_score
 
-    out: dict[str, list[float | None]] = {k: [] for k in ("sensitivity", "specificity", "precision", "f1", "auc")}
+    out: dict[str, list[float | None]] = {
+        k: [] for k in ("sensitivity", "specificity", "precision", "f1", "auc")
+    }
     for c in range(n_classes):
         tp = int(np.sum((y_pred == c) & (y_true == c)))
         fp = int(np.sum((y_pred == c) & (y_true != c)))
@@ -34,8 +38,16 @@ def per_class_metrics(y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray
         prec = tp / (tp + fp) if tp + fp else 0.0
         f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
         positives = y_true == c
-        auc = float(roc_auc_score(positives, scores[:, c])) if 0 < positives.sum() < len(y_true) else None
-        for key, value in zip(("sensitivity", "specificity", "precision", "f1", "auc"), (sens, spec, prec, f1, auc), strict=True):
+        auc = (
+            float(roc_auc_score(positives, scores[:, c]))
+            if 0 < positives.sum() < len(y_true)
+            else None
+        )
+        for key, value in zip(
+            ("sensitivity", "specificity", "precision", "f1", "auc"),
+            (sens, spec, prec, f1, auc),
+            strict=True,
+        ):
             out[key].append(value)
     return out
 
@@ -53,7 +65,9 @@ def cross_validate(
     y = dataset.y
     n_classes = len(dataset.class_names)
     fold_records: list[dict[str, Any]] = []
-    pooled = {h: {"true": [], "pred": [], "scores": []} for h in HEADS}
+    pooled: dict[str, dict[str, list[np.ndarray]]] = {
+        h: {"true": [], "pred": [], "scores": []} for h in HEADS
+    }
     ood_flags: list[np.ndarray] = []
     start = time.perf_counter()
     iterator = enumerate(splits)
@@ -65,8 +79,12 @@ def cross_validate(
     for i, (train, test) in iterator:
         t0 = time.perf_counter()
         pipeline = fit_pipeline(
-            dataset.images[train], y[train], dataset.class_names, replace(config, seed=config.seed + i),
-            progress=progress, description=f"fold {i + 1}/{len(splits)} CNN",
+            dataset.images[train],
+            y[train],
+            dataset.class_names,
+            replace(config, seed=config.seed + i),
+            progress=progress,
+            description=f"fold {i + 1}/{len(splits)} CNN",
         )
         t1 = time.perf_counter()
         heads = pipeline.predict_heads(dataset.images[test])
@@ -126,7 +144,9 @@ def cross_validate(
             "macro_f1_mean": _mean([v["f1"] for v in per_class.values()]),
             "macro_auc_mean": _mean([v["auc"] for v in per_class.values()]),
             "per_class": per_class,
-            "confusion_matrix": confusion_matrix(true, pred, labels=list(range(n_classes))).tolist(),
+            "confusion_matrix": confusion_matrix(
+                true, pred, labels=list(range(n_classes))
+            ).tolist(),
         }
     report = {
         "dataset": dataset.summary(),
@@ -141,7 +161,10 @@ def cross_validate(
         "per_fold": fold_records,
     }
     report["_roc"] = {
-        h: {"true": np.concatenate(pooled[h]["true"]), "scores": np.concatenate(pooled[h]["scores"])}
+        h: {
+            "true": np.concatenate(pooled[h]["true"]),
+            "scores": np.concatenate(pooled[h]["scores"]),
+        }
         for h in HEADS
         if pooled[h]["true"]
     }
@@ -166,7 +189,15 @@ def _plot_confusion(report: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         for (r, c), v in np.ndenumerate(cm):
-            ax.text(c, r, str(v), ha="center", va="center", fontsize=7, color="black" if v < cm.max() / 2 else "white")
+            ax.text(
+                c,
+                r,
+                str(v),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="black" if v < cm.max() / 2 else "white",
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -237,14 +268,33 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"| {head} | {name} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} | "
                 f"{_fmt(m['precision'])} | {_fmt(m['f1'])} | {_fmt(m['auc'])} |"
             )
-    lines += ["", "## Per fold (accuracy %)", "", "| Fold | " + " | ".join(report["heads"]) + " | HOSVD ranks / basis / sub-classes | train s |", "|---" * (len(report["heads"]) + 3) + "|"]
+    lines += [
+        "",
+        "## Per fold (accuracy %)",
+        "",
+        "| Fold | "
+        + " | ".join(report["heads"])
+        + " | HOSVD ranks / basis / sub-classes | train s |",
+        "|---" * (len(report["heads"]) + 3) + "|",
+    ]
     for f in report["per_fold"]:
         sel = f["hosvd_selection"]
         lines.append(
-            f"| {f['fold']} | " + " | ".join(_fmt(f["heads"][h]["accuracy"]) for h in report["heads"])
+            f"| {f['fold']} | "
+            + " | ".join(_fmt(f["heads"][h]["accuracy"]) for h in report["heads"])
             + f" | ({sel['channel_rank']}, {sel['position_rank']}) / {sel['n_basis']} / {sel['n_subspaces']} | {f['seconds_train']:.0f} |"
         )
-    lines += ["", "## Confusion matrices (pooled over folds)", "", "![confusion matrices](confusion_matrix.png)", "", "## ROC curves", "", "![ROC curves](roc.png)", ""]
+    lines += [
+        "",
+        "## Confusion matrices (pooled over folds)",
+        "",
+        "![confusion matrices](confusion_matrix.png)",
+        "",
+        "## ROC curves",
+        "",
+        "![ROC curves](roc.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -267,7 +317,10 @@ def evaluation_summary(report: dict[str, Any]) -> dict[str, Any]:
         "images": report["images"],
         "indeterminate_rate_mean": report["indeterminate_rate_mean"],
         "heads": {
-            h: {k: s[k] for k in ("accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_auc_mean")}
+            h: {
+                k: s[k]
+                for k in ("accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_auc_mean")
+            }
             for h, s in report["heads"].items()
         },
     }

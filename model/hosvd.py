@@ -89,7 +89,12 @@ def hosvd_factors(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def basis_from_factors(
-    tensor: np.ndarray, u: np.ndarray, v: np.ndarray, channel_rank: int, position_rank: int, n_basis: int
+    tensor: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    channel_rank: int,
+    position_rank: int,
+    n_basis: int,
 ) -> SubspaceBasis:
     """Truncate the factors to (r1, r2), compress, and keep the ``n_basis`` leading core slices."""
     u = u[:, : max(1, min(channel_rank, u.shape[1]))]
@@ -99,7 +104,9 @@ def basis_from_factors(
     # slices S[:, :, k] of the HOSVD, mutually orthogonal.
     unfolded = tl.to_numpy(tl.unfold(compressed, 2))
     slices = _leading_left_vectors(unfolded.T, n_basis).T
-    return SubspaceBasis(np.ascontiguousarray(u), np.ascontiguousarray(v), np.ascontiguousarray(slices))
+    return SubspaceBasis(
+        np.ascontiguousarray(u), np.ascontiguousarray(v), np.ascontiguousarray(slices)
+    )
 
 
 def hosvd_class_basis(
@@ -195,18 +202,27 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
 
     # -- hyper-parameter grid -------------------------------------------------------------
     @staticmethod
-    def _rank(value: int | float, size: int) -> int:
+    def _rank(value: int | float | str, size: int) -> int:
+        if isinstance(value, str):
+            raise ValueError(f"rank must be 'auto', an int or a fraction, not {value!r}")
         if isinstance(value, float) and 0 < value <= 1:
             return max(1, int(round(value * size)))
         return max(1, min(int(value), size))
 
     def _grid(self, n_channels: int, n_positions: int) -> list[tuple[int, int, int]]:
-        ch = [0.5, 1.0] if self.channel_rank == "auto" else [self.channel_rank]
-        pos = [0.5, 1.0] if self.position_rank == "auto" else [self.position_rank]
+        ch: list[int | float | str] = (
+            [0.5, 1.0] if self.channel_rank == "auto" else [self.channel_rank]
+        )
+        pos: list[int | float | str] = (
+            [0.5, 1.0] if self.position_rank == "auto" else [self.position_rank]
+        )
         sub = [1, 3] if self.n_subspaces == "auto" else [int(self.n_subspaces)]
         if n_positions == 1:
             pos = [1]
-        ranks = {(self._rank(c, n_channels), self._rank(p, n_positions)) for c, p in itertools.product(ch, pos)}
+        ranks = {
+            (self._rank(c, n_channels), self._rank(p, n_positions))
+            for c, p in itertools.product(ch, pos)
+        }
         return sorted((r1, r2, s) for (r1, r2), s in itertools.product(ranks, sub))
 
     def _basis_sizes(self) -> list[int]:
@@ -216,7 +232,12 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
 
     # -- fitting ----------------------------------------------------------------------------
     def _fit_subspaces(
-        self, x: np.ndarray, y_index: np.ndarray, rank_pairs: list[tuple[int, int]], n_sub: int, k_max: int
+        self,
+        x: np.ndarray,
+        y_index: np.ndarray,
+        rank_pairs: list[tuple[int, int]],
+        n_sub: int,
+        k_max: int,
     ) -> dict[tuple[int, int], list[tuple[int, SubspaceBasis]]]:
         """Subspaces of every class for each (r1, r2); mode factors computed once per group."""
         out: dict[tuple[int, int], list[tuple[int, SubspaceBasis]]] = {p: [] for p in rank_pairs}
@@ -310,11 +331,16 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
         self.probability_floor_ = 1.0 / (len(x) + 2)
         self.ood_thresholds_ = np.array(
             [
-                max(self.ood_margin * np.quantile(held_out[y_index == c, c], self.ood_quantile), 0.01)
+                max(
+                    self.ood_margin * np.quantile(held_out[y_index == c, c], self.ood_quantile),
+                    0.01,
+                )
                 for c in range(len(self.classes_))
             ]
         )
-        self.subspaces_ = self._fit_subspaces(x, y_index, [(r1, r2)], n_sub, self.n_basis_)[(r1, r2)]
+        self.subspaces_ = self._fit_subspaces(x, y_index, [(r1, r2)], n_sub, self.n_basis_)[
+            (r1, r2)
+        ]
         return self
 
     # -- prediction ---------------------------------------------------------------------------
@@ -327,7 +353,9 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
         self._check_fitted()
         x = as_feature_tensor(X)
         if tuple(x.shape[1:]) != self.feature_shape_:
-            raise ValueError(f"expected feature tensors of shape {self.feature_shape_}, got {x.shape[1:]}")
+            raise ValueError(
+                f"expected feature tensors of shape {self.feature_shape_}, got {x.shape[1:]}"
+            )
         out = np.full((len(x), len(self.classes_)), np.inf)
         for c, sub in self.subspaces_:
             out[:, c] = np.minimum(out[:, c], relative_residuals(x, sub))

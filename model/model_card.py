@@ -31,11 +31,21 @@ def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
     ]
     if manifest.get("description"):
         lines.append(f"- Description: {manifest['description']}")
-    lines += ["", "## Classes", "", "| Class | Meaning | Counts as blast | SNOMED CT |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Classes",
+        "",
+        "| Class | Meaning | Counts as blast | SNOMED CT |",
+        "|---|---|---|---|",
+    ]
     for c in manifest["classes"]:
         code = f"{c['snomed_code']} {c['snomed_display']}" if c.get("snomed_code") else "uncoded"
-        lines.append(f"| `{c['name']}` | {c['display']} | {'yes' if c['is_blast'] else 'no'} | {code} |")
-    lines.append("| `indeterminate` | out of distribution: residual to every class too high | no | - |")
+        lines.append(
+            f"| `{c['name']}` | {c['display']} | {'yes' if c['is_blast'] else 'no'} | {code} |"
+        )
+    lines.append(
+        "| `indeterminate` | out of distribution: residual to every class too high | no | - |"
+    )
     training = manifest.get("training", {})
     data = training.get("data", {})
     prep = manifest["preprocessing"]
@@ -83,14 +93,23 @@ def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
                 f"{_pct(figures.get('macro_f1_mean'))} | {_pct(figures.get('macro_auc_mean'))} |"
             )
         if "indeterminate_rate_mean" in evaluation:
-            lines.append(f"\nIn-distribution test cells flagged indeterminate: {_pct(evaluation['indeterminate_rate_mean'])}.")
+            lines.append(
+                f"\nIn-distribution test cells flagged indeterminate: {_pct(evaluation['indeterminate_rate_mean'])}."
+            )
     else:
         lines.append("No cross-validated evaluation is stored in this model file.")
     metrics = manifest.get("metrics", {})
     if metrics:
-        lines += ["", "Stored metrics: " + ", ".join(f"`{k}` = {v:.4g}" for k, v in sorted(metrics.items()))]
+        lines += [
+            "",
+            "Stored metrics: " + ", ".join(f"`{k}` = {v:.4g}" for k, v in sorted(metrics.items())),
+        ]
     if manifest.get("ood"):
-        lines += ["", "Out-of-distribution check: " + ", ".join(f"{k}: {_pct(v)} indeterminate" for k, v in manifest["ood"].items())]
+        lines += [
+            "",
+            "Out-of-distribution check: "
+            + ", ".join(f"{k}: {_pct(v)} indeterminate" for k, v in manifest["ood"].items()),
+        ]
     lines += [
         "",
         "## Limitations",

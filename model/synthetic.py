@@ -31,8 +31,13 @@ def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarr
 
 
 def _blob(
-    yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, radius: float,
-    rng: np.random.Generator, irregularity: float,
+    yy: np.ndarray,
+    xx: np.ndarray,
+    cy: float,
+    cx: float,
+    radius: float,
+    rng: np.random.Generator,
+    irregularity: float,
 ) -> np.ndarray:
     """Soft mask of a roughly round blob with a wavy outline."""
     angle = np.arctan2(yy - cy, xx - cx)
@@ -99,8 +104,13 @@ def generate_cell(
     if kind == "blast" and rng.random() < 0.5:  # nuclear cleft / notch
         angle = rng.uniform(0, 2 * np.pi)
         notch = _blob(
-            yy, xx, ny + nucleus_r * np.sin(angle), nx + nucleus_r * np.cos(angle),
-            nucleus_r * 0.3, rng, 0.05,
+            yy,
+            xx,
+            ny + nucleus_r * np.sin(angle),
+            nx + nucleus_r * np.cos(angle),
+            nucleus_r * 0.3,
+            rng,
+            0.05,
         )
         nucleus = np.clip(nucleus - notch, 0, 1)
     texture = _smooth_noise(rng, size, chromatin_sigma) * chromatin_amp
@@ -109,15 +119,22 @@ def generate_cell(
         offset = rng.uniform(0, 0.5) * nucleus_r
         angle = rng.uniform(0, 2 * np.pi)
         spot = _blob(
-            yy, xx, ny + offset * np.sin(angle), nx + offset * np.cos(angle),
-            rng.uniform(3.0, 5.0) * s, rng, 0.05,
+            yy,
+            xx,
+            ny + offset * np.sin(angle),
+            nx + offset * np.cos(angle),
+            rng.uniform(3.0, 5.0) * s,
+            rng,
+            0.05,
         )
         nucleus_rgb = nucleus_rgb + spot[..., None] * np.array([0.14, 0.14, 0.10])
     image = image * (1 - nucleus[..., None]) + nucleus_rgb * nucleus[..., None]
 
     # Stain variation (per-channel gain and offset), focus and sensor noise.
     image = image * rng.normal(1.0, 0.05, 3) + rng.normal(0.0, 0.02, 3)
-    image = ndimage.gaussian_filter(image, (rng.uniform(0.3, 1.0) * s, rng.uniform(0.3, 1.0) * s, 0))
+    image = ndimage.gaussian_filter(
+        image, (rng.uniform(0.3, 1.0) * s, rng.uniform(0.3, 1.0) * s, 0)
+    )
     image = image + rng.normal(0, 0.012, image.shape)
     return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
@@ -133,5 +150,7 @@ def write_synthetic_dataset(
         target = Path(folder) / kind
         target.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            Image.fromarray(generate_cell(kind, rng, size)).save(target / f"{kind}_{i:04d}{extension}")
+            Image.fromarray(generate_cell(kind, rng, size)).save(
+                target / f"{kind}_{i:04d}{extension}"
+            )
     return Path(folder)

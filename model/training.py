@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from leuk_fhir.model.cnn import CellCNN, CNNConfig, TrainingHistory, extract, resolve_device, train_cnn
+from leuk_fhir.model.cnn import (
+    CellCNN,
+    CNNConfig,
+    TrainingHistory,
+    extract,
+    resolve_device,
+    train_cnn,
+)
 from leuk_fhir.model.hosvd import HOSVDClassifier
 
 log = logging.getLogger(__name__)
@@ -95,7 +102,9 @@ def pooled(maps: np.ndarray) -> np.ndarray:
 def channel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std in [0, 1] units of (n, H, W, 3) uint8 images."""
     sample = images[:: max(1, len(images) // 512)].reshape(-1, 3).astype(np.float64) / 255.0
-    return sample.mean(axis=0).astype(np.float32), np.maximum(sample.std(axis=0), 1e-3).astype(np.float32)
+    return sample.mean(axis=0).astype(np.float32), np.maximum(sample.std(axis=0), 1e-3).astype(
+        np.float32
+    )
 
 
 def fit_pipeline(
@@ -114,7 +123,9 @@ def fit_pipeline(
 
     device = resolve_device(config.device)
     mean, std = channel_statistics(images)
-    cnn_config = CNNConfig(n_classes=len(class_names), widths=config.widths, feature_grid=config.feature_grid)
+    cnn_config = CNNConfig(
+        n_classes=len(class_names), widths=config.widths, feature_grid=config.feature_grid
+    )
     bar = None
     callback = None
     if progress:
@@ -127,8 +138,17 @@ def fit_pipeline(
             bar.update(1)
 
     cnn, history = train_cnn(
-        images, y, cnn_config, mean, std, config.epochs, config.seed, device,
-        batch_size=config.batch_size, learning_rate=config.learning_rate, progress=callback,
+        images,
+        y,
+        cnn_config,
+        mean,
+        std,
+        config.epochs,
+        config.seed,
+        device,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        progress=callback,
     )
     if bar is not None:
         bar.close()
@@ -139,15 +159,27 @@ def fit_pipeline(
     t2 = time.perf_counter()
     svm = None
     if with_svm:
-        svm = make_pipeline(StandardScaler(), LinearSVC(C=0.5, max_iter=5000, random_state=config.seed))
+        svm = make_pipeline(
+            StandardScaler(), LinearSVC(C=0.5, max_iter=5000, random_state=config.seed)
+        )
         svm.fit(pooled(maps), y)
     t3 = time.perf_counter()
     log.info(
         "HOSVD: ranks (%d, %d), %d basis images, %d sub-classes, inner-CV accuracy %.4f",
-        hosvd.channel_rank_, hosvd.position_rank_, hosvd.n_basis_, hosvd.n_subspaces_, hosvd.cv_accuracy_,
+        hosvd.channel_rank_,
+        hosvd.position_rank_,
+        hosvd.n_basis_,
+        hosvd.n_subspaces_,
+        hosvd.cv_accuracy_,
     )
     return FittedPipeline(
-        class_names=class_names, config=config, mean=mean, std=std, cnn=cnn, hosvd=hosvd, svm=svm,
+        class_names=class_names,
+        config=config,
+        mean=mean,
+        std=std,
+        cnn=cnn,
+        hosvd=hosvd,
+        svm=svm,
         history=history,
         seconds={"cnn": history.seconds, "extract": t1 - t0, "hosvd": t2 - t1, "svm": t3 - t2},
     )

@@ -16,7 +16,9 @@ from leuk_fhir.model.training import FittedPipeline, TrainingConfig, fit_pipelin
 log = logging.getLogger(__name__)
 
 
-def synthetic_dataset(per_class: int, seed: int, image_size: int, cell_size: int = 128) -> CellDataset:
+def synthetic_dataset(
+    per_class: int, seed: int, image_size: int, cell_size: int = 128
+) -> CellDataset:
     """An in-memory dataset from the synthetic generator (fixture and demo-model data)."""
     from leuk_fhir.model.images import prepare_batch
     from leuk_fhir.model.synthetic import CELL_KINDS, generate_cell
@@ -60,10 +62,14 @@ def train_and_save(
     if cv_folds:
         report = cross_validate(dataset, cv_folds, config, progress=progress)
         metrics = flat_metrics(report)
-    pipeline = fit_pipeline(dataset.images, dataset.y, dataset.class_names, config, with_svm=False, progress=progress)
+    pipeline = fit_pipeline(
+        dataset.images, dataset.y, dataset.class_names, config, with_svm=False, progress=progress
+    )
     metrics["train_images"] = float(len(dataset.labels))
     metrics["hosvd_inner_cv_accuracy"] = float(pipeline.hosvd.cv_accuracy_)
-    metrics["cnn_final_train_accuracy"] = float(pipeline.history.train_accuracy[-1]) if pipeline.history.train_accuracy else 0.0
+    metrics["cnn_final_train_accuracy"] = (
+        float(pipeline.history.train_accuracy[-1]) if pipeline.history.train_accuracy else 0.0
+    )
     training = {
         "data": dataset.summary(),
         "config": config.to_json(),
@@ -74,8 +80,15 @@ def train_and_save(
         },
     }
     sha = save_pipeline(
-        out, pipeline, name=name, version=version, is_demo=is_demo, training=training, metrics=metrics,
-        evaluation=evaluation_summary(report) if report else None, description=description,
+        out,
+        pipeline,
+        name=name,
+        version=version,
+        is_demo=is_demo,
+        training=training,
+        metrics=metrics,
+        evaluation=evaluation_summary(report) if report else None,
+        description=description,
     )
     if extra_manifest:
         _amend_manifest(out, extra_manifest)
@@ -88,6 +101,10 @@ def _amend_manifest(path: Path, extra: dict[str, Any]) -> None:
     from leuk_fhir.model.artifact import read_artifact, write_artifact
 
     artifact = read_artifact(Path(path))
-    manifest = {k: v for k, v in artifact.manifest.items() if k not in ("entries", "format", "format_version")}
+    manifest = {
+        k: v
+        for k, v in artifact.manifest.items()
+        if k not in ("entries", "format", "format_version")
+    }
     manifest.update(extra)
     write_artifact(Path(path), manifest, artifact.cnn_state, artifact.hosvd_arrays)

@@ -6,21 +6,36 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from leuk_fhir.errors import InputError
+
+if TYPE_CHECKING:
+    from leuk_fhir.model.dataset import CellDataset
+    from leuk_fhir.model.training import TrainingConfig
 
 _DEFAULTS = {"epochs": 15, "image_size": 64, "seed": 0}
 
 
 def _training_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, default=_DEFAULTS["epochs"], help="CNN training epochs (default %(default)s)")
     parser.add_argument(
-        "--image-size", type=int, default=_DEFAULTS["image_size"],
+        "--epochs",
+        type=int,
+        default=_DEFAULTS["epochs"],
+        help="CNN training epochs (default %(default)s)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=_DEFAULTS["image_size"],
         help="side in pixels cells are resized to (default %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=_DEFAULTS["seed"], help="random seed (default %(default)s)")
     parser.add_argument(
-        "--binary-positive", metavar="CLASS",
+        "--seed", type=int, default=_DEFAULTS["seed"], help="random seed (default %(default)s)"
+    )
+    parser.add_argument(
+        "--binary-positive",
+        metavar="CLASS",
         help="relabel the data as CLASS vs 'other' (e.g. lymphocyte vs the rest)",
     )
     parser.add_argument("--device", default=None, help="torch device: auto (default), cpu, cuda")
@@ -29,38 +44,59 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this family's sub-commands."""
     train = subparsers.add_parser(
-        "train", help="train a CNN + HOSVD model on labelled cell images",
+        "train",
+        help="train a CNN + HOSVD model on labelled cell images",
         description="Train on a folder of class sub-folders, ALL-IDB named images, or a CSV "
         "manifest (path,label[,group]) and write one model file.",
     )
     train.add_argument("data", type=Path, help="class-folder tree, ALL-IDB folder, or CSV manifest")
     train.add_argument("--out", type=Path, required=True, help="model file to write (.lfm)")
     _training_options(train)
-    train.add_argument("--cv-folds", type=int, default=0, help="also cross-validate with K folds and store the figures")
-    train.add_argument("--name", default="leuk-fhir-cnn-hosvd", help="model name (default %(default)s)")
-    train.add_argument("--model-version", default="0.1.0", help="model version (default %(default)s)")
+    train.add_argument(
+        "--cv-folds",
+        type=int,
+        default=0,
+        help="also cross-validate with K folds and store the figures",
+    )
+    train.add_argument(
+        "--name", default="leuk-fhir-cnn-hosvd", help="model name (default %(default)s)"
+    )
+    train.add_argument(
+        "--model-version", default="0.1.0", help="model version (default %(default)s)"
+    )
     train.set_defaults(handler=_train)
 
     evaluate = subparsers.add_parser(
-        "evaluate", help="k-fold evaluation of the HOSVD, softmax and SVM heads",
+        "evaluate",
+        help="k-fold evaluation of the HOSVD, softmax and SVM heads",
         description="Cross-validate all three heads on the same folds; write DIR/report.json, "
         "DIR/report.md and confusion-matrix / ROC plots.",
     )
-    evaluate.add_argument("data", type=Path, help="class-folder tree, ALL-IDB folder, or CSV manifest")
-    evaluate.add_argument("--folds", type=int, default=5, help="number of folds (default %(default)s)")
+    evaluate.add_argument(
+        "data", type=Path, help="class-folder tree, ALL-IDB folder, or CSV manifest"
+    )
+    evaluate.add_argument(
+        "--folds", type=int, default=5, help="number of folds (default %(default)s)"
+    )
     evaluate.add_argument("--out", type=Path, required=True, help="output folder")
     _training_options(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
     predict = subparsers.add_parser("predict", help="classify single-cell images")
     predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
-    predict.add_argument("--model", type=Path, default=None, help="model file (default: the bundled demo model)")
+    predict.add_argument(
+        "--model", type=Path, default=None, help="model file (default: the bundled demo model)"
+    )
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.add_argument("--device", default=None)
     predict.set_defaults(handler=_predict)
 
-    card = subparsers.add_parser("model-card", help="print the model card (Markdown) of a model file")
-    card.add_argument("--model", type=Path, default=None, help="model file (default: the bundled demo model)")
+    card = subparsers.add_parser(
+        "model-card", help="print the model card (Markdown) of a model file"
+    )
+    card.add_argument(
+        "--model", type=Path, default=None, help="model file (default: the bundled demo model)"
+    )
     card.add_argument("--out", type=Path, default=None, help="write to this file instead of stdout")
     card.set_defaults(handler=_model_card)
 
@@ -72,31 +108,41 @@ def _apply_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _config(args: argparse.Namespace, settings_device: str) -> object:
+def _config(args: argparse.Namespace, settings_device: str) -> TrainingConfig:
     from leuk_fhir.model.training import TrainingConfig
 
     for name in ("epochs", "image_size"):
         if getattr(args, name) < (1 if name == "epochs" else 16):
             raise InputError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
     return TrainingConfig(
-        image_size=args.image_size, epochs=args.epochs, seed=args.seed, device=args.device or settings_device,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        seed=args.seed,
+        device=args.device or settings_device,
     )
 
 
-def _load(args: argparse.Namespace, config: object) -> object:
+def _load(args: argparse.Namespace, config: TrainingConfig) -> CellDataset:
     from leuk_fhir.model.dataset import load_dataset
     from leuk_fhir.settings import load_settings
 
     settings = load_settings(args.config)
     _apply_threads(settings.model.threads)
     dataset = load_dataset(
-        args.data, image_size=config.image_size, max_pixels=settings.image.max_pixels,  # type: ignore[attr-defined]
-        binary_positive=args.binary_positive, progress=True,
+        args.data,
+        image_size=config.image_size,
+        max_pixels=settings.image.max_pixels,
+        binary_positive=args.binary_positive,
+        progress=True,
     )
     if dataset.duplicates.count:
         print(
             f"dropped {dataset.duplicates.count} byte-identical duplicate image(s)"
-            + (f"; {len(dataset.duplicates.conflicting_labels)} had conflicting labels" if dataset.duplicates.conflicting_labels else ""),
+            + (
+                f"; {len(dataset.duplicates.conflicting_labels)} had conflicting labels"
+                if dataset.duplicates.conflicting_labels
+                else ""
+            ),
             file=sys.stderr,
         )
     return dataset
@@ -109,8 +155,13 @@ def _train(args: argparse.Namespace) -> int:
     config = _config(args, load_settings(args.config).model.device)
     dataset = _load(args, config)
     _, sha, report = train_and_save(
-        dataset, args.out, config, name=args.name, version=args.model_version,  # type: ignore[arg-type]
-        cv_folds=args.cv_folds, progress=True,
+        dataset,
+        args.out,
+        config,
+        name=args.name,
+        version=args.model_version,
+        cv_folds=args.cv_folds,
+        progress=True,
     )
     print(f"wrote {args.out} (sha256 {sha})")
     if report:
@@ -124,10 +175,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     config = _config(args, load_settings(args.config).model.device)
     dataset = _load(args, config)
-    report = cross_validate(dataset, args.folds, config, progress=True)  # type: ignore[arg-type]
+    report = cross_validate(dataset, args.folds, config, progress=True)
     path = write_report(report, args.out)
     for head, s in report["heads"].items():
-        print(f"{head:8s} accuracy {100 * s['accuracy_mean']:.2f}% +- {100 * s['accuracy_std']:.2f}")
+        print(
+            f"{head:8s} accuracy {100 * s['accuracy_mean']:.2f}% +- {100 * s['accuracy_std']:.2f}"
+        )
     print(f"wrote {path} and {args.out / 'report.md'} ({report['seconds_total']:.0f} s)")
     return 0
 
@@ -139,10 +192,12 @@ def _predict(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     _apply_threads(settings.model.threads)
-    clf = load_classifier(args.model or settings.model.path, device=args.device or settings.model.device)
+    clf = load_classifier(
+        args.model or settings.model.path, device=args.device or settings.model.device
+    )
     images = [decode_image(p, settings.image.max_pixels) for p in args.images]
     findings = clf.classify(images)
-    results = [
+    results: list[dict[str, Any]] = [
         {
             "image": str(path),
             "label": f.label,
@@ -154,12 +209,20 @@ def _predict(args: argparse.Namespace) -> int:
         }
         for path, f in zip(args.images, findings, strict=True)
     ]
-    model = {"name": clf.info.name, "version": clf.info.version, "sha256": clf.info.sha256, "is_demo": clf.info.is_demo}
+    model = {
+        "name": clf.info.name,
+        "version": clf.info.version,
+        "sha256": clf.info.sha256,
+        "is_demo": clf.info.is_demo,
+    }
     if args.json:
         print(json.dumps({"model": model, "results": results}, indent=2))
     else:
         if clf.info.is_demo:
-            print("WARNING: bundled DEMO model (synthetic training data), not for clinical use", file=sys.stderr)
+            print(
+                "WARNING: bundled DEMO model (synthetic training data), not for clinical use",
+                file=sys.stderr,
+            )
         for r in results:
             print(f"{r['image']}: {r['label']} ({100 * r['confidence']:.1f}%)")
     return 0

@@ -261,7 +261,7 @@ def _report_content(
     acq, model = findings.acquisition, findings.model
     p, s = acq.patient, acq.specimen
     patient = (
-        f"Name: {p.name.replace('^', ' ').strip() if p.name else 'not given'}",
+        f"Name: {_human_name(p.name)['text'] if p.name else 'not given'}",
         f"Identifier: {p.identifier or 'not given'}",
         f"Birth date: {p.birth_date.isoformat() if p.birth_date else 'not given'}",
         f"Sex: {_gender(p.sex) or 'not given'}",

@@ -30,6 +30,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture
+def free_tcp_port() -> int:
+    return free_port()
+
+
 @pytest.fixture(scope="session")
 def bccd_root() -> Path:
     if not (BCCD / "Annotations").is_dir():
@@ -82,10 +87,14 @@ def _orthanc_plugins() -> list[str]:
 @pytest.fixture(scope="session")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
     """Debian's Orthanc with the DICOMweb plugin, on loopback ports, in a temp directory."""
-    binary = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
+    binary = shutil.which("Orthanc") or (
+        "/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None
+    )
     plugins = _orthanc_plugins()
     if binary is None or not plugins:
-        pytest.skip("Orthanc or its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
+        pytest.skip(
+            "Orthanc or its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)"
+        )
     root = tmp_path_factory.mktemp("orthanc")
     http_port, dicom_port = free_port(), free_port()
     config = {
@@ -110,7 +119,9 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]
     config_path = root / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
     log = (root / "orthanc.log").open("wb")
-    proc = subprocess.Popen([binary, str(config_path)], stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    proc = subprocess.Popen(
+        [binary, str(config_path)], stdout=log, stderr=subprocess.STDOUT, cwd=root
+    )
     url = f"http://127.0.0.1:{http_port}"
     try:
         deadline = time.monotonic() + 60

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from leuk_fhir.acquisition import Scope
@@ -39,13 +38,19 @@ def test_single_cell_is_classified_whole(tmp_path: Path, pbc_cell: np.ndarray, c
     assert sum(findings.counts.values()) == 1
 
 
-def test_multiframe_dicom_cells_one_finding_per_frame(tmp_path: Path, pbc_cell: np.ndarray, classifier) -> None:
-    path = write_dicom_microscopy(tmp_path / "cells.dcm", [pbc_cell, pbc_cell[::-1]], pixel_spacing_um=0.07)
+def test_multiframe_dicom_cells_one_finding_per_frame(
+    tmp_path: Path, pbc_cell: np.ndarray, classifier
+) -> None:
+    path = write_dicom_microscopy(
+        tmp_path / "cells.dcm", [pbc_cell, pbc_cell[::-1]], pixel_spacing_um=0.07
+    )
     findings = analyze(open_acquisition(path), classifier)
     assert [c.frame for c in findings.cells] == [0, 1]
 
 
-def test_field_white_cells_detected_cropped_classified(tmp_path: Path, bccd_root: Path, classifier) -> None:
+def test_field_white_cells_detected_cropped_classified(
+    tmp_path: Path, bccd_root: Path, classifier
+) -> None:
     image = bccd_root / "JPEGImages" / "BloodImage_00000.jpg"
     truth = dict(bccd_samples(bccd_root))[image]
     findings = analyze(open_acquisition(image), classifier)
@@ -68,13 +73,17 @@ def test_detection_recall_precision_on_bccd_subset(bccd_root: Path) -> None:
 
 
 def test_synthetic_field_exact_detection() -> None:
-    field, truth = synthetic_smear_field(800, 600, white_cells=4, red_cells=60, cell_diameter=120, seed=2)
+    field, truth = synthetic_smear_field(
+        800, 600, white_cells=4, red_cells=60, cell_diameter=120, seed=2
+    )
     found = detect_white_cells(field, 120.0)
     assert score_detections([c.box for c in found], truth, "iou") == DetectionScore(4, 0, 0)
 
 
 def test_slide_streams_tiles_and_deduplicates_overlaps(tmp_path: Path, classifier) -> None:
-    plane, truth = synthetic_smear_field(3000, 2000, white_cells=30, red_cells=600, cell_diameter=90, seed=21)
+    plane, truth = synthetic_smear_field(
+        3000, 2000, white_cells=30, red_cells=600, cell_diameter=90, seed=21
+    )
 
     def reader(x: int, y: int, w: int, h: int) -> np.ndarray:
         out = np.full((h, w, 3), 255, np.uint8)
@@ -82,7 +91,9 @@ def test_slide_streams_tiles_and_deduplicates_overlaps(tmp_path: Path, classifie
         out[: part.shape[0], : part.shape[1]] = part
         return out
 
-    path = write_pyramid_tiff(tmp_path / "s.tif", 3000, 2000, reader, tile_size=256, levels=3, microns_per_pixel=13 / 90)
+    path = write_pyramid_tiff(
+        tmp_path / "s.tif", 3000, 2000, reader, tile_size=256, levels=3, microns_per_pixel=13 / 90
+    )
     acq = open_acquisition(path)
     settings = ImageSettings(tile_size=256)
     level, tile, overlap, _ = slide_tiles(acq, settings.tile_size)

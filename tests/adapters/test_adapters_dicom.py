@@ -32,7 +32,9 @@ FIELD, _ = synthetic_smear_field(320, 240, white_cells=1, red_cells=8, cell_diam
 @pytest.mark.parametrize("frames", [1, 3])
 def test_every_transfer_syntax_decodes_frame_by_frame(tmp_path: Path, ts: str, frames: int) -> None:
     stack = [np.roll(FIELD, 7 * i, axis=1) for i in range(frames)]
-    path = write_dicom_microscopy(tmp_path / "img", stack if frames > 1 else stack[0], transfer_syntax=ts)
+    path = write_dicom_microscopy(
+        tmp_path / "img", stack if frames > 1 else stack[0], transfer_syntax=ts
+    )
     assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == ts
     acq = open_acquisition(path)
     assert acq.pixels.frame_count == frames
@@ -45,8 +47,12 @@ def test_every_transfer_syntax_decodes_frame_by_frame(tmp_path: Path, ts: str, f
 
 def test_metadata_fills_the_neutral_record(tmp_path: Path) -> None:
     path = write_dicom_microscopy(
-        tmp_path / "meta.bin", FIELD, sop_class=VL_SLIDE_COORDINATES_MICROSCOPIC,
-        patient_id="MRN-77", patient_name="Curie^Marie", accession_number="A-9",
+        tmp_path / "meta.bin",
+        FIELD,
+        sop_class=VL_SLIDE_COORDINATES_MICROSCOPIC,
+        patient_id="MRN-77",
+        patient_name="Curie^Marie",
+        accession_number="A-9",
     )
     assert sniff_format(path) == "dicom"
     acq = open_acquisition(path)
@@ -56,12 +62,17 @@ def test_metadata_fills_the_neutral_record(tmp_path: Path) -> None:
     assert acq.patient.birth_date == date(1980, 2, 14) and acq.patient.sex == "F"
     assert acq.patient.identifier_system == "urn:leuk-fhir:test-hospital"
     assert acq.dicom is not None
-    assert acq.dicom.study_uid == ds.StudyInstanceUID and acq.dicom.series_uid == ds.SeriesInstanceUID
+    assert (
+        acq.dicom.study_uid == ds.StudyInstanceUID and acq.dicom.series_uid == ds.SeriesInstanceUID
+    )
     assert acq.dicom.sop_class_uid == VL_SLIDE_COORDINATES_MICROSCOPIC
     assert acq.dicom.accession_number == "A-9" and acq.dicom.modality == "SM"
     assert acq.specimen.identifier == "SLIDE-A-9" and acq.specimen.stain == "Wright-Giemsa stain"
     assert acq.specimen.type == "peripheral blood smear"
-    assert acq.device.manufacturer == "Synthetic Microscopes Ltd" and acq.device.serial_number == "SN-0042"
+    assert (
+        acq.device.manufacturer == "Synthetic Microscopes Ltd"
+        and acq.device.serial_number == "SN-0042"
+    )
     assert acq.device.model == "SynthScope 3000" and acq.device.software_versions
     assert acq.acquired_at == datetime(2026, 1, 15, 9, 30)
     assert acq.media_type == "application/dicom"
@@ -87,7 +98,9 @@ def test_not_dicom_and_truncated_dicom_are_refused(tmp_path: Path) -> None:
         path.write_bytes(data[:cut])
         with pytest.raises(InvalidImageError, match="truncated|corrupt|Pixel Data"):
             open_acquisition(path).pixels.read_frame()
-    jpeg = write_dicom_microscopy(tmp_path / "j.dcm", [FIELD, FIELD], transfer_syntax=JPEGBaseline8Bit).read_bytes()
+    jpeg = write_dicom_microscopy(
+        tmp_path / "j.dcm", [FIELD, FIELD], transfer_syntax=JPEGBaseline8Bit
+    ).read_bytes()
     (tmp_path / "jcut.dcm").write_bytes(jpeg[: len(jpeg) - 3000])
     with pytest.raises(InvalidImageError):
         acq = open_acquisition(tmp_path / "jcut.dcm")
@@ -107,7 +120,9 @@ def test_unsupported_sop_class_names_the_uid(tmp_path: Path) -> None:
     ds = dicom_microscopy_dataset(FIELD)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT
     ds.save_as(tmp_path / "ct.dcm", enforce_file_format=True)
-    with pytest.raises(UnsupportedFormatError, match=r"1\.2\.840\.10008\.5\.1\.4\.1\.1\.2 \(CT Image Storage\)"):
+    with pytest.raises(
+        UnsupportedFormatError, match=r"1\.2\.840\.10008\.5\.1\.4\.1\.1\.2 \(CT Image Storage\)"
+    ):
         open_acquisition(tmp_path / "ct.dcm")
 
 
@@ -123,7 +138,9 @@ def test_unsupported_transfer_syntax_names_the_uid(tmp_path: Path) -> None:
 
 
 def test_frame_dimensions_beyond_limit_are_refused(tmp_path: Path) -> None:
-    path = write_dicom_microscopy(tmp_path / "big.dcm", FIELD, transfer_syntax=ExplicitVRLittleEndian)
+    path = write_dicom_microscopy(
+        tmp_path / "big.dcm", FIELD, transfer_syntax=ExplicitVRLittleEndian
+    )
     with pytest.raises(ImageTooLargeError, match="320 x 240"):
         open_acquisition(path, image_settings=ImageSettings(max_pixels=50_000))
 

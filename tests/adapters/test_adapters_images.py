@@ -14,8 +14,12 @@ from leuk_fhir.errors import ImageTooLargeError, InvalidImageError, UnsupportedF
 from leuk_fhir.settings import ImageSettings
 
 
-@pytest.mark.parametrize("fmt,expected", [("PNG", "png"), ("JPEG", "jpeg"), ("TIFF", "tiff"), ("BMP", "bmp")])
-def test_formats_recognised_by_content_not_extension(tmp_path: Path, pbc_cell: np.ndarray, fmt: str, expected: str) -> None:
+@pytest.mark.parametrize(
+    "fmt,expected", [("PNG", "png"), ("JPEG", "jpeg"), ("TIFF", "tiff"), ("BMP", "bmp")]
+)
+def test_formats_recognised_by_content_not_extension(
+    tmp_path: Path, pbc_cell: np.ndarray, fmt: str, expected: str
+) -> None:
     path = tmp_path / "cell.dat"  # misleading extension on purpose
     Image.fromarray(pbc_cell).save(path, format=fmt)
     assert sniff_format(path) == expected
@@ -49,7 +53,9 @@ def test_16bit_grey_rgba_palette_normalised_to_rgb8(tmp_path: Path) -> None:
     out = open_acquisition(tmp_path / "rgba.png").pixels.read_frame()
     assert tuple(out[0, 0]) == (200, 0, 0) and tuple(out[-1, -1]) == (255, 255, 255)
 
-    Image.fromarray(np.full((20, 20, 3), (10, 120, 240), np.uint8)).convert("P").save(tmp_path / "pal.png")
+    Image.fromarray(np.full((20, 20, 3), (10, 120, 240), np.uint8)).convert("P").save(
+        tmp_path / "pal.png"
+    )
     pal = open_acquisition(tmp_path / "pal.png").pixels.read_frame()
     assert pal.shape == (20, 20, 3) and abs(int(pal[5, 5, 2]) - 240) < 20
 

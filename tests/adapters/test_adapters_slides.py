@@ -16,7 +16,9 @@ from leuk_fhir.adapters.synthetic import synthetic_smear_field, write_dicom_wsi,
 from leuk_fhir.errors import InputError, InvalidImageError
 
 MPP = 13.0 / 90.0  # white cells drawn 90 px wide are 13 um across
-SLIDE, BOXES = synthetic_smear_field(1600, 1200, white_cells=10, red_cells=200, cell_diameter=90, seed=11)
+SLIDE, BOXES = synthetic_smear_field(
+    1600, 1200, white_cells=10, red_cells=200, cell_diameter=90, seed=11
+)
 
 
 def _reader(x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -29,12 +31,16 @@ def _reader(x: int, y: int, w: int, h: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def pyramid_tiff(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiff") / "slide.tif"
-    return write_pyramid_tiff(path, 1600, 1200, _reader, tile_size=256, levels=3, microns_per_pixel=MPP)
+    return write_pyramid_tiff(
+        path, 1600, 1200, _reader, tile_size=256, levels=3, microns_per_pixel=MPP
+    )
 
 
 @pytest.fixture(scope="module")
 def dicom_wsi(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return write_dicom_wsi(tmp_path_factory.mktemp("wsi"), SLIDE, tile_size=256, levels=3, microns_per_pixel=MPP)
+    return write_dicom_wsi(
+        tmp_path_factory.mktemp("wsi"), SLIDE, tile_size=256, levels=3, microns_per_pixel=MPP
+    )
 
 
 def test_pyramid_tiff_opens_through_openslide(pyramid_tiff: Path) -> None:
@@ -84,7 +90,9 @@ def test_missing_full_resolution_level_is_refused(dicom_wsi: list[Path]) -> None
 
 
 def test_level_with_missing_tiles_is_refused(tmp_path: Path) -> None:
-    paths = write_dicom_wsi(tmp_path, SLIDE[:512, :512], tile_size=256, levels=1, transfer_syntax=ExplicitVRLittleEndian)
+    paths = write_dicom_wsi(
+        tmp_path, SLIDE[:512, :512], tile_size=256, levels=1, transfer_syntax=ExplicitVRLittleEndian
+    )
     ds = pydicom.dcmread(paths[0])
     ds.NumberOfFrames = 3  # 4 tiles needed for 512 x 512
     ds.PixelData = ds.PixelData[: 3 * 256 * 256 * 3]

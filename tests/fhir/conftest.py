@@ -66,11 +66,11 @@ CLASSES = (
 )
 
 
-def model_info(version: str = "1.0.0") -> ModelInfo:
+def model_info(version: str = "1.0.0", card: bool = True) -> ModelInfo:
     return ModelInfo(
         name="leuk-hosvd-test", version=version, sha256=hashlib.sha256(version.encode()).hexdigest(),
         classes=CLASSES, metrics={"accuracy_mean": 0.97, "folds": 5.0},
-        model_card_markdown="# leuk-hosvd-test\nTest model card.",
+        model_card_markdown="# leuk-hosvd-test\nTest model card." if card else None,
     )
 
 
@@ -93,6 +93,7 @@ def make_findings(
     patient_id: str | None = "MRN-0001",
     version: str = "1.0.0",
     source_id: str | None = None,
+    card: bool = True,
 ) -> Findings:
     img = smear_image(seed)
     sha = hashlib.sha256(img.tobytes()).hexdigest()
@@ -128,7 +129,7 @@ def make_findings(
             probs[label] = 0.9
             cells.append(CellFinding(label=label, probabilities=probs,
                                      box=None if scope is Scope.CELL else boxes[i % 3]))
-    return Findings(acquisition=acq, model=model_info(version), cells=tuple(cells),
+    return Findings(acquisition=acq, model=model_info(version, card), cells=tuple(cells),
                     created_at=datetime(2026, 11, 20, 10, 0, tzinfo=UTC))
 
 

@@ -27,7 +27,7 @@ def test_pdf_shows_findings_model_and_disclaimer(fhir_settings, artifacts_dir):
     (artifacts_dir / "report-field.pdf").write_bytes(rb.pdf)
     (artifacts_dir / "report-field.html").write_text(rb.html, encoding="utf-8")
     text = " ".join(pdf_text(rb.pdf).split())
-    for expected in ("AI-generated", "artificial intelligence", "Doe", "MRN-0001", "SP-0",
+    for expected in ("AI-generated", "artificial intelligence", "Jane Doe", "MRN-0001", "SP-0",
                      "May-Grunwald-Giemsa", "Lymphoblast", "Lymphocyte", "indeterminate",
                      "Blast percentage", "50.0% of 2 classified cells", "leuk-hosvd-test", "1.0.0",
                      "accuracy_mean 0.97", "Preliminary: not yet reviewed", rb.report_identifier):

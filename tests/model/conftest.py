@@ -10,13 +10,17 @@ from leuk_fhir.model.synthetic import write_synthetic_dataset
 from leuk_fhir.model.training import TrainingConfig
 
 #: Small and fast: a few epochs at 32 px are enough for the synthetic classes.
-TINY_CONFIG = TrainingConfig(image_size=32, epochs=3, batch_size=32, widths=(8, 16, 24, 32), feature_grid=2, seed=0)
+TINY_CONFIG = TrainingConfig(
+    image_size=32, epochs=3, batch_size=32, widths=(8, 16, 24, 32), feature_grid=2, seed=0
+)
 
 
 @pytest.fixture(scope="session")
 def synthetic_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A class-folder dataset of 24 synthetic cells per class (96 px PNGs)."""
-    return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "cells", per_class=24, seed=11, size=96)
+    return write_synthetic_dataset(
+        tmp_path_factory.mktemp("synthetic") / "cells", per_class=24, seed=11, size=96
+    )
 
 
 @pytest.fixture(scope="session")

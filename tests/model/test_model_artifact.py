@@ -49,20 +49,28 @@ def test_model_file_holds_no_pickles(tiny_model: Path) -> None:
     with zipfile.ZipFile(tiny_model) as archive:
         for name in archive.namelist():
             if name.endswith(".npy"):
-                np.load(io.BytesIO(archive.read(name)), allow_pickle=False)  # raises on object arrays
+                np.load(
+                    io.BytesIO(archive.read(name)), allow_pickle=False
+                )  # raises on object arrays
 
 
 @pytest.mark.parametrize(
     "damage",
     ["truncated", "flipped-bytes", "not-a-zip", "empty"],
 )
-def test_corrupt_files_raise_model_artifact_error(tiny_model: Path, tmp_path: Path, damage: str) -> None:
+def test_corrupt_files_raise_model_artifact_error(
+    tiny_model: Path, tmp_path: Path, damage: str
+) -> None:
     data = tiny_model.read_bytes()
     if damage == "truncated":
         data = data[: len(data) // 2]
     elif damage == "flipped-bytes":
         middle = len(data) // 2
-        data = data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 64]) + data[middle + 64 :]
+        data = (
+            data[:middle]
+            + bytes(b ^ 0xFF for b in data[middle : middle + 64])
+            + data[middle + 64 :]
+        )
     elif damage == "not-a-zip":
         data = b"hello, I am not a model"
     else:
@@ -85,7 +93,9 @@ def test_tampered_entry_is_detected(tiny_model: Path, tmp_path: Path) -> None:
         load_classifier(_rewrite(tiny_model, tmp_path / "tampered.lfm", change))
 
 
-def test_incompatible_versions_and_foreign_zips_are_refused(tiny_model: Path, tmp_path: Path) -> None:
+def test_incompatible_versions_and_foreign_zips_are_refused(
+    tiny_model: Path, tmp_path: Path
+) -> None:
     def newer(name: str, data: bytes) -> bytes:
         if name == "manifest.json":
             manifest = json.loads(data)

@@ -68,7 +68,10 @@ def test_stratified_folds_are_deterministic_and_balanced() -> None:
     labels = np.array(["a"] * 20 + ["b"] * 10)
     folds = stratified_folds(labels, 5, seed=3)
     assert [sorted(labels[t].tolist()).count("b") for _, t in folds] == [2] * 5
-    assert all((a[1] == b[1]).all() for a, b in zip(folds, stratified_folds(labels, 5, seed=3), strict=True))
+    assert all(
+        (a[1] == b[1]).all()
+        for a, b in zip(folds, stratified_folds(labels, 5, seed=3), strict=True)
+    )
     with pytest.raises(DatasetError, match="fewer than 11 folds"):
         stratified_folds(labels, 11)
 

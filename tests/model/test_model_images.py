@@ -76,8 +76,10 @@ def test_tiny_images_are_rejected() -> None:
 
 
 def test_arrays_of_any_dtype_and_shape_convert() -> None:
-    gray16 = (np.arange(400, dtype=np.uint16).reshape(20, 20) * 160)
-    assert to_rgb_uint8(gray16).max() == 255 * 63840 // 65535 + 1 or to_rgb_uint8(gray16).max() > 240
+    gray16 = np.arange(400, dtype=np.uint16).reshape(20, 20) * 160
+    assert (
+        to_rgb_uint8(gray16).max() == 255 * 63840 // 65535 + 1 or to_rgb_uint8(gray16).max() > 240
+    )
     assert to_rgb_uint8(np.ones((10, 10, 3), dtype=np.float32)).max() == 255
     assert to_rgb_uint8(np.zeros((10, 10, 1), dtype=np.uint8)).shape == (10, 10, 3)
     with pytest.raises(InvalidImageError):

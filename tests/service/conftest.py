@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from leuk_fhir.model.synthetic import generate_cell
 from PIL import Image
 
+from leuk_fhir.model.synthetic import generate_cell
 from leuk_fhir.service import create_app
 from leuk_fhir.settings import Settings
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+
 from leuk_fhir.model.synthetic import generate_cell
 
 

@@ -44,14 +44,15 @@ def _ready(client, timeout_s: float = 120) -> None:
         time.sleep(0.1)
 
 
-def _field_png() -> bytes:
-    from leuk_fhir.adapters.synthetic import synthetic_smear_field
-    from PIL import Image
+BCCD_FIELD = (Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "bccd" / "BCCD"
+              / "JPEGImages" / "BloodImage_00000.jpg")
 
-    pixels, _ = synthetic_smear_field(seed=4, white_cells=3)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
+
+def _field_image() -> bytes:
+    """A real smear field (BCCD, ../shared/datasets) with a white cell to outline."""
+    if not BCCD_FIELD.exists():
+        pytest.skip(f"{BCCD_FIELD} is missing (the shared datasets)")
+    return BCCD_FIELD.read_bytes()
 
 
 def test_list_detail_alert_and_sign_off(make_app, live_server, browser, cell_png, tmp_path) -> None:
@@ -60,8 +61,8 @@ def test_list_detail_alert_and_sign_off(make_app, live_server, browser, cell_png
     client = app.test_client()
     _ready(client)
     server = live_server(app)
-    # one field analysed before the page opens (several outlined cells)
-    field = client.post("/v1/analyses", data={"image": (io.BytesIO(_field_png()), "field.png")})
+    # one field analysed before the page opens
+    field = client.post("/v1/analyses", data={"image": (io.BytesIO(_field_image()), "field.jpg")})
     assert field.status_code == 202
 
     # tall enough that full-page screenshots include the report frame (frames outside the
@@ -112,10 +113,13 @@ def test_list_detail_alert_and_sign_off(make_app, live_server, browser, cell_png
     assert "Dr Ada Haem" in page.inner_text("#signoff-state")
     page.screenshot(path=str(ARTIFACTS / "detail-signed-off.png"), full_page=True)
 
-    # the field: several outlined cells
-    page.goto(f"{server.url}/#/analyses/{field.get_json()['id']}")
-    page.wait_for_selector("#overlay rect.cell-box", timeout=20_000)
-    _until(page, "document.getElementById('detail-image').naturalWidth > 0")
+    # a real smear field: the detected white cell outlined on the field
+    field_id = field.get_json()["id"]
+    page.goto(f"{server.url}/#/analyses/{field_id}")
+    _until(page, f"document.getElementById('detail-title').innerText.includes('{field_id}')")
+    _until(page, "document.querySelectorAll('#cell-rows tr').length > 0 && "
+                 "document.querySelectorAll('#overlay rect.cell-box').length === "
+                 "document.querySelectorAll('#cell-rows tr').length")
     page.screenshot(path=str(ARTIFACTS / "detail-field.png"), full_page=True)
     assert not [e for e in console_errors if "favicon" not in e], console_errors
 

@@ -167,7 +167,9 @@ function renderCells(a) {
       .map(([k, v]) => k + " " + (v * 100).toFixed(1) + "%").join(", ");
     rows.append(el("tr", { class: "cell-row" },
       el("td", {}, String(i + 1)), el("td", {}, swatch),
-      el("td", {}, cell.indeterminate_reason ? "– (" + cell.indeterminate_reason + ")" : (cell.confidence * 100).toFixed(1) + " %"),
+      cell.indeterminate_reason
+        ? el("td", { title: cell.indeterminate_reason }, "– (" + cell.indeterminate_reason.split(":")[0] + ")")
+        : el("td", {}, (cell.confidence * 100).toFixed(1) + " %"),
       el("td", {}, probs), el("td", {}, cell.box ? cell.box.join(", ") : "whole image")));
   });
 }
@@ -206,6 +208,14 @@ function renderDeliveries(a) {
 async function showDetail(id) {
   $("list-view").hidden = true;
   $("detail-view").hidden = false;
+  if (state.current !== id) {  // a different analysis: clear what the previous one showed
+    $("detail-image").removeAttribute("src");
+    delete $("detail-image").dataset.analysis;
+    $("overlay").replaceChildren();
+    $("cell-rows").replaceChildren();
+    $("signoff-form").reset();
+    $("report-frame").src = "about:blank";
+  }
   state.current = id;
   let a;
   try { a = await (await api("/v1/analyses/" + encodeURIComponent(id))).json(); } catch (e) {
@@ -223,11 +233,17 @@ async function showDetail(id) {
   if (a.status === "completed") {
     try {
       const img = $("detail-image");
-      img.onload = () => drawOverlay(a);
-      img.src = await blobUrl(a.links.image);
+      if (img.dataset.analysis === a.id && img.complete && img.naturalWidth) {
+        drawOverlay(a);
+      } else {
+        img.onload = () => drawOverlay(a);
+        img.dataset.analysis = a.id;
+        img.src = await blobUrl(a.links.image);
+      }
     } catch (e) { drawOverlay(a); }
     // Frames and links cannot send headers: GETs may carry the token as ?access_token=.
-    $("report-frame").src = withToken(a.links.report_html);
+    const reportUrl = withToken(a.links.report_html);
+    if ($("report-frame").getAttribute("src") !== reportUrl) $("report-frame").src = reportUrl;
     $("pdf-link").href = withToken(a.links.report_pdf);
   } else {
     $("detail-image").removeAttribute("src");
@@ -239,7 +255,9 @@ async function showDetail(id) {
 // ---- live events -----------------------------------------------------------------------
 function showAlert(data) {
   const text = "Blasts detected" + (data.blast_percentage != null ? " (" + data.blast_percentage.toFixed(1) + " % of classified cells)" : "") +
-    " in analysis " + data.id.slice(0, 11) + (data.communication_queued ? ": ordering clinician notified via EHR" : "");
+    " in analysis " + data.id.slice(0, 11) + (data.communication_queued
+      ? ": alert Communication" + (data.ordering_practitioner ? " to " + data.ordering_practitioner : "") + " queued for the EHR"
+      : "");
   const close = el("button", { type: "button" }, "Dismiss");
   const box = el("div", { class: "alert", role: "alert", "data-id": data.id },
     el("span", {}, "⚠ " + text + " · ", el("a", { href: "#/analyses/" + data.id }, "open")), close);

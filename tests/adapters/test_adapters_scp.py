@@ -1,0 +1,211 @@
+"""The C-STORE SCP against real SCUs on loopback: pynetdicom and dcmtk's storescu."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless
+from pynetdicom import AE
+
+from leuk_fhir.acquisition import DicomReference, Scope, Transport
+from leuk_fhir.adapters import open_acquisition
+from leuk_fhir.adapters.dicom_scp import VERIFICATION, CStoreReceiver
+from leuk_fhir.adapters.synthetic import (
+    dicom_microscopy_dataset,
+    synthetic_smear_field,
+    write_dicom_microscopy,
+)
+from leuk_fhir.errors import QueueFullError
+from leuk_fhir.settings import DicomSettings, ImageSettings
+
+FIELD, _ = synthetic_smear_field(320, 240, white_cells=1, red_cells=8, cell_diameter=60, seed=9)
+
+
+class Received:
+    """Collects on_instance calls (thread-safe) and lets a test wait for them."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Path, DicomReference]] = []
+        self.event = threading.Event()
+
+    def __call__(self, path: Path, ref: DicomReference) -> None:
+        assert path.exists(), "callback must only see complete, renamed files"
+        self.items.append((path, ref))
+        self.event.set()
+
+
+def _send(
+    ds: pydicom.Dataset, port: int, calling: str = "SCOPE1", *, echo: bool = False
+) -> tuple[int | None, str | None]:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    ae.add_requested_context(VERIFICATION)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LEUKFHIR")
+    assert assoc.is_established
+    try:
+        if echo:
+            assert assoc.send_c_echo().Status == 0
+        status = assoc.send_c_store(ds)
+        return int(status.Status), status.get("ErrorComment")
+    finally:
+        assoc.release()
+
+
+@pytest.fixture
+def receiver(tmp_path: Path):
+    got = Received()
+    rx = CStoreReceiver(
+        DicomSettings(port=0, allowed_calling_aes=("SCOPE1", "STORESCU")), tmp_path / "spool", got
+    )
+    rx.start()
+    yield rx, got
+    rx.stop()
+
+
+def test_store_spools_durably_then_calls_back(receiver, tmp_path: Path) -> None:
+    rx, got = receiver
+    path = write_dicom_microscopy(tmp_path / "in.dcm", FIELD, transfer_syntax=JPEGBaseline8Bit)
+    ds = pydicom.dcmread(path)
+    status, _ = _send(ds, rx.port, echo=True)
+    assert status == 0x0000
+    assert len(got.items) == 1
+    spooled, ref = got.items[0]
+    assert spooled == tmp_path / "spool" / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    assert ref.calling_ae_title == "SCOPE1" and ref.sop_instance_uid == ds.SOPInstanceUID
+    assert list((spooled.parent / ".incoming").iterdir()) == []  # no half-written leftovers
+    acq = open_acquisition(
+        spooled, transport=Transport.C_STORE, calling_ae_title=ref.calling_ae_title
+    )
+    assert acq.dicom is not None and acq.dicom.calling_ae_title == "SCOPE1"
+    assert acq.pixels.read_frame().shape == FIELD.shape and acq.scope == Scope.FIELD
+    assert rx.stats["stored"] == 1
+
+
+def test_unknown_calling_ae_title_is_rejected(receiver) -> None:
+    rx, got = receiver
+    ae = AE(ae_title="INTRUDER")
+    ae.add_requested_context(VERIFICATION)
+    assoc = ae.associate("127.0.0.1", rx.port, ae_title="LEUKFHIR")
+    assert assoc.is_rejected and not assoc.is_established
+    assert got.items == []
+
+
+def test_instance_without_pixel_data_gets_error_status(receiver) -> None:
+    rx, got = receiver
+    ds = dicom_microscopy_dataset(FIELD)
+    del ds.PixelData
+    status, comment = _send(ds, rx.port)
+    assert status == 0xC000 and "no Pixel Data" in comment
+    assert got.items == [] and rx.stats["refused"] == 1
+    assert not any(p.suffix == ".dcm" for p in rx.spool_dir.rglob("*"))
+
+
+def test_oversized_instance_refused_out_of_resources(tmp_path: Path) -> None:
+    got = Received()
+    with CStoreReceiver(
+        DicomSettings(port=0), tmp_path, got, image_settings=ImageSettings(max_pixels=10_000)
+    ) as rx:
+        status, comment = _send(dicom_microscopy_dataset(FIELD), rx.port)
+    assert status == 0xA700 and "above the limit" in comment and got.items == []
+
+
+def test_unsupported_sop_class_is_not_negotiated(receiver) -> None:
+    rx, _ = receiver
+    ae = AE(ae_title="SCOPE1")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ExplicitVRLittleEndian)  # CT
+    ae.add_requested_context(VERIFICATION)
+    assoc = ae.associate("127.0.0.1", rx.port, ae_title="LEUKFHIR")
+    try:
+        accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+        assert "1.2.840.10008.5.1.4.1.1.2" not in accepted and VERIFICATION in accepted
+    finally:
+        assoc.release()
+
+
+def test_callback_failure_is_reported_but_file_kept(tmp_path: Path) -> None:
+    def full(path: Path, ref: DicomReference) -> None:
+        raise QueueFullError("analysis queue is full")
+
+    with CStoreReceiver(DicomSettings(port=0), tmp_path, full) as rx:
+        ds = dicom_microscopy_dataset(FIELD)
+        status, comment = _send(ds, rx.port)
+    assert status == 0xA700 and "queue is full" in comment
+    assert (tmp_path / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm").exists()
+
+
+def test_study_mode_calls_back_once_per_study(tmp_path: Path) -> None:
+    got = Received()
+    settings = DicomSettings(port=0, analysis_unit="study", study_idle_s=0.5)
+    first = dicom_microscopy_dataset(FIELD)
+    second = dicom_microscopy_dataset(
+        FIELD[:, ::-1], study_uid=first.StudyInstanceUID, series_uid=first.SeriesInstanceUID
+    )
+    second.InstanceNumber = 2
+    with CStoreReceiver(settings, tmp_path, got) as rx:
+        assert _send(first, rx.port)[0] == 0 and _send(second, rx.port)[0] == 0
+        assert got.event.wait(10)
+    assert len(got.items) == 1
+    folder, ref = got.items[0]
+    assert (
+        folder.is_dir() and ref.study_uid == first.StudyInstanceUID and ref.sop_instance_uid is None
+    )
+    acq = open_acquisition(folder)
+    assert acq.pixels.frame_count == 2 and acq.source_id == first.StudyInstanceUID
+    assert np.array_equal(acq.pixels.read_frame(1), FIELD[:, ::-1])
+
+
+@pytest.mark.skipif(
+    shutil.which("storescu") is None, reason="dcmtk storescu not installed (apt-get install dcmtk)"
+)
+def test_dcmtk_storescu_as_peer(receiver, tmp_path: Path) -> None:
+    rx, got = receiver
+    path = write_dicom_microscopy(tmp_path / "ls.dcm", FIELD, transfer_syntax=JPEGLSLossless)
+    echo = subprocess.run(
+        ["echoscu", "-aet", "STORESCU", "-aec", "LEUKFHIR", "127.0.0.1", str(rx.port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert echo.returncode == 0, echo.stderr
+    run = subprocess.run(
+        [
+            "storescu",
+            "-xt",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "LEUKFHIR",
+            "127.0.0.1",
+            str(rx.port),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert len(got.items) == 1 and got.items[0][1].calling_ae_title == "STORESCU"
+    assert np.array_equal(open_acquisition(got.items[0][0]).pixels.read_frame(), FIELD)
+    bad = subprocess.run(
+        [
+            "storescu",
+            "-xt",
+            "-aet",
+            "NOTALLOWED",
+            "-aec",
+            "LEUKFHIR",
+            "127.0.0.1",
+            str(rx.port),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode != 0 and "Rejected" in (bad.stderr + bad.stdout)

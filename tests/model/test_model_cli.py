@@ -1,0 +1,127 @@
+"""The model commands end to end: train, evaluate, predict, model-card (tiny settings)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from leuk_fhir.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "model.lfm"
+    assert (
+        main(
+            [
+                "train",
+                str(synthetic_folder),
+                "--out",
+                str(out),
+                "--epochs",
+                "3",
+                "--image-size",
+                "32",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def test_train_then_predict_json(
+    trained: Path, synthetic_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    images = (
+        sorted((synthetic_folder / "blast").glob("*.png"))[:2]
+        + sorted((synthetic_folder / "normal").glob("*.png"))[:2]
+    )
+    assert main(["predict", *map(str, images), "--model", str(trained), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"]["name"] == "leuk-fhir-cnn-hosvd" and not out["model"]["is_demo"]
+    assert len(out["results"]) == 4
+    for r in out["results"]:
+        assert set(r) >= {"label", "probabilities", "residuals", "indeterminate"}
+        assert set(r["probabilities"]) == {"blast", "normal"}
+    assert [r["label"] for r in out["results"]].count("blast") >= 1
+
+
+def test_predict_defaults_to_the_demo_model(
+    synthetic_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = next((synthetic_folder / "blast").glob("*.png"))
+    assert main(["predict", str(image), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"]["is_demo"] is True
+    assert out["results"][0]["label"] in ("blast", "normal", "indeterminate")
+
+
+def test_model_card_command(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["model-card"]) == 0
+    assert "NOT FOR CLINICAL USE" in capsys.readouterr().out
+    card = tmp_path / "card.md"
+    assert main(["model-card", "--model", str(trained), "--out", str(card)]) == 0
+    text = card.read_text()
+    assert (
+        "leuk-fhir-cnn-hosvd" in text
+        and "NOT FOR CLINICAL USE" not in text
+        and "Training data" in text
+    )
+
+
+def test_evaluate_writes_reports_for_three_heads(synthetic_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    assert (
+        main(
+            [
+                "evaluate",
+                str(synthetic_folder),
+                "--folds",
+                "2",
+                "--epochs",
+                "2",
+                "--image-size",
+                "32",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["heads"]) == {"hosvd", "softmax", "svm"}
+    for head in report["heads"].values():
+        assert 0.0 <= head["accuracy_mean"] <= 1.0 and "accuracy_std" in head
+        for metrics in head["per_class"].values():
+            assert set(metrics) == {"sensitivity", "specificity", "precision", "f1", "auc"}
+    assert len(report["per_fold"]) == 2
+    assert report["heads"]["hosvd"]["accuracy_mean"] >= 0.9
+    markdown = (out / "report.md").read_text()
+    assert "confusion_matrix.png" in markdown and "roc.png" in markdown
+    assert (out / "confusion_matrix.png").stat().st_size > 1000 and (
+        out / "roc.png"
+    ).stat().st_size > 1000
+
+
+def test_bad_input_gives_one_line_and_an_exit_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    assert main(["predict", str(broken)]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("leuk-fhir: error:") and "broken.jpg" in err and "\n" not in err
+    single = tmp_path / "single" / "blast"
+    single.mkdir(parents=True)
+    (single / "a.png").write_bytes((tmp_path / "broken.jpg").read_bytes())
+    assert main(["train", str(tmp_path / "single"), "--out", str(tmp_path / "m.lfm")]) == 3
+    bad_model = tmp_path / "bad.lfm"
+    bad_model.write_bytes(b"PK\x03\x04 truncated")
+    assert main(["model-card", "--model", str(bad_model)]) == 4
