@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
@@ -93,7 +93,7 @@ def validate_dicom(
         raise InvalidImageError(f"{name} lacks the Image Pixel module attributes: {exc}") from exc
     check_pixel_limit(cols, rows, image_settings.max_pixels, f"{name} frame")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    element = ds.get_item("PixelData")
+    element: Any = ds.get_item("PixelData")  # a RawDataElement when read with defer_size
     deferred = getattr(element, "value", b"") is None  # read with defer_size: value not loaded
     if deferred:
         length = int(element.length)

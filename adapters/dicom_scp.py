@@ -110,7 +110,7 @@ class CStoreReceiver:
         for sop_class in ACCEPTED_SOP_CLASSES:
             ae.add_supported_context(sop_class, syntaxes)
         ae.add_supported_context(VERIFICATION)
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
             (evt.EVT_REJECTED, self._log_rejected),

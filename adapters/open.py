@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +84,7 @@ def _is_pyramid_tiff(path: Path, vendor: str) -> bool:
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
+            page: Any = tif.pages[0]
             return bool(page.is_tiled) and (
                 len(tif.pages) > 1 or page.imagewidth * page.imagelength > 4096 * 4096
             )

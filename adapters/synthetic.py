@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -258,7 +259,7 @@ def dicom_microscopy_dataset(
     elif ts.is_compressed:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.PixelData = raw.tobytes()
-        kwargs = {"jls_error": 2} if ts == JPEGLSNearLossless else {}
+        kwargs: dict[str, Any] = {"jls_error": 2} if ts == JPEGLSNearLossless else {}
         if ts == JPEG2000:
             kwargs = {"j2k_cr": [20]}
         ds.compress(ts, raw if len(stack) > 1 else raw[0], **kwargs)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark of the HAPI FHIR test server (tests/hapi-server): time from start to ready
 # (GET /fhir/metadata answers), resident memory (RSS) and Java heap in use right after start
-# and after the HAPI tests ran against it. Starts its own server on a spare port and stops it.
+# and after the HAPI tests ran against it, and the rate of validated report transactions
+# (Patient + DiagnosticReport + 3 Observations, conditional creates) after the tests.
+# Starts its own server on a spare port and stops it.
 # Prints the figures (also as one JSON line, the last line of stdout).
 #
 # Usage: bash benchmarks/hapi_server.sh [--port PORT] [--runs N] [PYTEST_ARGS...]
@@ -48,6 +50,44 @@ for run in $(seq "$runs"); do
   tests_s=$(awk -v a="$t2" -v b="$t3" 'BEGIN {printf "%.1f", b - a}')
   summary=$(tail -n 1 /tmp/hapi_bench_pytest.$$)
   rm -f /tmp/hapi_bench_pytest.$$
+  tx_per_s=$(.venv/bin/python - "$base" "${LEUK_FHIR_HAPI_BENCH_TX:-40}" <<'PY'
+import sys, time, uuid
+import requests
+base, count = sys.argv[1], int(sys.argv[2])
+system = f"urn:leuk-fhir:bench:{uuid.uuid4().hex[:12]}"
+loinc = "http://loinc.org"
+
+def report(n: int) -> dict:
+    patient_url, report_url = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
+    entries = [{"fullUrl": patient_url,
+                "resource": {"resourceType": "Patient", "identifier": [{"system": system, "value": f"p{n}"}]},
+                "request": {"method": "POST", "url": "Patient", "ifNoneExist": f"identifier={system}|p{n}"}}]
+    results = []
+    for i, (code, value) in enumerate((("26446-5", 12.5), ("34922-5", 10.0), ("804-5", 100))):
+        url = f"urn:uuid:{uuid.uuid4()}"
+        results.append({"reference": url})
+        entries.append({"fullUrl": url, "resource": {
+            "resourceType": "Observation", "status": "preliminary",
+            "identifier": [{"system": system, "value": f"o{n}-{i}"}],
+            "code": {"coding": [{"system": loinc, "code": code}]}, "subject": {"reference": patient_url},
+            "valueQuantity": {"value": value, "unit": "%", "system": "http://unitsofmeasure.org", "code": "%"}},
+            "request": {"method": "POST", "url": "Observation", "ifNoneExist": f"identifier={system}|o{n}-{i}"}})
+    entries.append({"fullUrl": report_url, "resource": {
+        "resourceType": "DiagnosticReport", "status": "preliminary",
+        "identifier": [{"system": system, "value": f"r{n}"}],
+        "code": {"coding": [{"system": loinc, "code": "34994-4"}]}, "subject": {"reference": patient_url},
+        "issued": "2026-01-15T10:00:00+00:00", "result": results, "conclusion": "AI-generated"},
+        "request": {"method": "POST", "url": "DiagnosticReport", "ifNoneExist": f"identifier={system}|r{n}"}})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+start = time.monotonic()
+for n in range(count):
+    reply = requests.post(base, json=report(n), headers=headers, timeout=120)
+    reply.raise_for_status()
+print(f"{count / (time.monotonic() - start):.1f}")
+PY
+)
   rss_after=$(rss_mib "$pid")
   heap_after=$(heap_used_mib "$pid")
   bash tests/hapi-server/stop --port "$port" >/dev/null 2>&1
@@ -55,8 +95,9 @@ for run in $(seq "$runs"); do
   echo "rss_after_start_mib:     $rss_start"
   echo "heap_live_after_start_mib: $heap_start"
   echo "tests:                   ${pytest_args[*]} -> $summary in ${tests_s} s"
+  echo "report_transactions_per_s: $tx_per_s  (5 resources each, validated)"
   echo "rss_after_tests_mib:     $rss_after"
   echo "heap_live_after_tests_mib: $heap_after"
-  printf '{"run": %d, "start_to_ready_s": %s, "rss_after_start_mib": %s, "heap_live_after_start_mib": %s, "tests_s": %s, "rss_after_tests_mib": %s, "heap_live_after_tests_mib": %s}\n' \
-    "$run" "$start_s" "$rss_start" "$heap_start" "$tests_s" "$rss_after" "$heap_after"
+  printf '{"run": %d, "start_to_ready_s": %s, "rss_after_start_mib": %s, "heap_live_after_start_mib": %s, "tests_s": %s, "report_tx_per_s": %s, "rss_after_tests_mib": %s, "heap_live_after_tests_mib": %s}\n' \
+    "$run" "$start_s" "$rss_start" "$heap_start" "$tests_s" "$tx_per_s" "$rss_after" "$heap_after"
 done

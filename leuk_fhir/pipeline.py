@@ -26,7 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from leuk_fhir.acquisition import Acquisition, PatientInfo, Scope, Transport
+from leuk_fhir.adapters import open_acquisition
+from leuk_fhir.analysis import analyze
+from leuk_fhir.delivery import Outbox
+from leuk_fhir.fhir import (
+    ReportBundle,
+    build_communication_bundle,
+    build_report_bundle,
+    build_signoff_bundle,
+)
 from leuk_fhir.findings import Findings, ModelInfo, Outcome
+from leuk_fhir.model import CellClassifier, load_classifier
 from leuk_fhir.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,7 +86,7 @@ class PipelineResult:
     """Everything one run produced."""
 
     findings: Findings
-    report: Any  # leuk_fhir.fhir.ReportBundle: .bundle, .report_identifier, .pdf, .html
+    report: ReportBundle
     delivery_keys: tuple[str, ...]
     alert_key: str | None
 
@@ -84,21 +94,19 @@ class PipelineResult:
 class AnalysisPipeline:
     """ingest -> analyze -> report -> deliver, with the classifier loaded once."""
 
-    def __init__(self, settings: Settings, outbox: Any | None = None) -> None:
+    def __init__(self, settings: Settings, outbox: Outbox | None = None) -> None:
         self.settings = settings
-        self.outbox = outbox  # leuk_fhir.delivery.Outbox; None keeps results local
-        self._classifier: Any | None = None
+        self.outbox = outbox  # None: results stay local (nothing is queued for an EHR)
+        self._classifier: CellClassifier | None = None
         self._classifier_lock = threading.Lock()
 
     # ---- the model, loaded once ------------------------------------------------------------
     @property
-    def classifier(self) -> Any:
+    def classifier(self) -> CellClassifier:
         """The cell classifier (``settings.model.path``, or the bundled demo model)."""
         if self._classifier is None:
             with self._classifier_lock:
                 if self._classifier is None:
-                    from leuk_fhir.model import load_classifier
-
                     self._classifier = load_classifier(
                         self.settings.model.path, device=self.settings.model.device
                     )
@@ -118,8 +126,6 @@ class AnalysisPipeline:
         order: AnalysisOrder | None = None,
     ) -> Acquisition:
         """Open a received file as an :class:`Acquisition` (pixels stay lazy)."""
-        from leuk_fhir.adapters import open_acquisition
-
         acquisition = open_acquisition(
             path, image_settings=self.settings.image, transport=transport, scope=scope
         )
@@ -129,18 +135,14 @@ class AnalysisPipeline:
 
     def analyze(self, acquisition: Acquisition) -> Findings:
         """Detect and classify the cells of an acquisition."""
-        from leuk_fhir.analysis import analyze
-
         return analyze(acquisition, self.classifier, self.settings.image)
 
-    def report(self, findings: Findings, now: datetime | None = None) -> Any:
+    def report(self, findings: Findings, now: datetime | None = None) -> ReportBundle:
         """Map findings to a preliminary FHIR report Bundle (with HTML and PDF renderings)."""
-        from leuk_fhir.fhir import build_report_bundle
-
         return build_report_bundle(findings, self.settings.fhir, now=now, include_pdf=True)
 
     def deliver(
-        self, findings: Findings, report: Any, order: AnalysisOrder | None = None
+        self, findings: Findings, report: ReportBundle, order: AnalysisOrder | None = None
     ) -> tuple[tuple[str, ...], str | None]:
         """Put the report (and, when blasts are found, an alert Communication) in the outbox.
 
@@ -154,8 +156,6 @@ class AnalysisPipeline:
         keys = [key]
         alert_key = None
         if findings.outcome == Outcome.BLASTS_DETECTED:
-            from leuk_fhir.fhir import build_communication_bundle
-
             recipient = order.ordering_practitioner if order else None
             communication = build_communication_bundle(
                 report, self.settings.fhir, recipient=recipient
@@ -174,25 +174,28 @@ class AnalysisPipeline:
         practitioner_identifier: str,
         practitioner_name: str | None,
         comment: str | None = None,
-    ) -> str | None:
-        """A clinician's review: enqueue the Bundle that makes the report ``final``.
+        findings: Findings | None = None,
+    ) -> tuple[str | None, dict[str, Any]]:
+        """A clinician's review: build the Bundle that makes the report ``final`` and enqueue it.
 
-        Returns the outbox key (None when there is no outbox). The key is fixed per report, so a
-        report is signed off once in the EHR whatever happens to the request.
+        With ``findings`` the report's HTML/PDF renderings are redone to show the sign-off.
+        Returns the outbox key (None without an outbox) and the Bundle. The key is fixed per
+        report, so a report is signed off once in the EHR whatever happens to the request.
         """
-        if self.outbox is None:
-            return None
-        from leuk_fhir.fhir import build_signoff_bundle
-
         bundle = build_signoff_bundle(
             report_bundle,
             practitioner_identifier=practitioner_identifier,
             practitioner_name=practitioner_name,
             comment=comment,
+            findings=findings,
         )
+        if self.outbox is None:
+            return None, bundle
         key = f"{report_identifier}/{SIGNOFF_KIND}"
-        self.outbox.enqueue(key, bundle, SIGNOFF_KIND, depends_on=f"{report_identifier}/{REPORT_KIND}")
-        return key
+        self.outbox.enqueue(
+            key, bundle, SIGNOFF_KIND, depends_on=f"{report_identifier}/{REPORT_KIND}"
+        )
+        return key, bundle
 
     def run(
         self,

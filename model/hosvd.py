@@ -130,8 +130,12 @@ def cumulative_relative_residuals(samples: np.ndarray, subspace: SubspaceBasis) 
     """
     x = as_feature_tensor(samples)
     norms2 = np.einsum("ncp,ncp->n", x, x) + 1e-12
-    reduced = subspace.channel_factors.T @ x @ subspace.position_factors  # (n, r1, r2)
-    coords = reduced.reshape(len(x), -1) @ subspace.basis.T  # (n, K)
+    n, c, p = x.shape
+    u, v = subspace.channel_factors, subspace.position_factors
+    # U^T D V for every sample as two large matrix products (BLAS-friendly): (n, r1, r2).
+    xv = (x.reshape(n * c, p) @ v).reshape(n, c, v.shape[1])
+    reduced = (xv.transpose(0, 2, 1).reshape(-1, c) @ u).reshape(n, v.shape[1], u.shape[1])
+    coords = reduced.transpose(0, 2, 1).reshape(n, -1) @ subspace.basis.T  # (n, K)
     captured = np.cumsum(coords**2, axis=1)
     return np.sqrt(np.clip(1.0 - captured / norms2[:, None], 0.0, 1.0))
 

@@ -108,7 +108,8 @@ def _serve(args: argparse.Namespace) -> int:
         app,
         host=service_settings.host,
         port=service_settings.port,
-        threads=max(8, service_settings.workers + 6),
+        # Each open page holds one thread for its event stream; requests use the rest.
+        threads=16 + service_settings.workers,
         max_request_body_size=service_settings.max_request_bytes,
         ident="leuk-fhir",
         clear_untrusted_proxy_headers=True,

@@ -8,6 +8,7 @@ Logs name analyses by id only: no file names, no patient data.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ from typing import IO, Any
 
 from leuk_fhir.acquisition import Acquisition, DicomReference, Scope, Transport
 from leuk_fhir.errors import InputError, LeukFhirError, NotFoundError
-from leuk_fhir.findings import Findings, Outcome
+from leuk_fhir.findings import CellFinding, Findings, Outcome
 from leuk_fhir.pipeline import AnalysisOrder, AnalysisPipeline
 from leuk_fhir.service.auth import RateLimiter
 from leuk_fhir.service.events import ALERT_EVENT, ANALYSIS_EVENT, EventBroker
@@ -433,6 +434,49 @@ class LeukFhirService:
         self.broker.publish(ANALYSIS_EVENT, {"id": analysis_id, "status": "failed", "error": code})
 
     # ---- sign-off --------------------------------------------------------------------------
+    def _stored_findings(self, record: AnalysisRecord) -> tuple[Acquisition | None, Findings | None]:
+        """Findings rebuilt from the stored result, to re-render the report as signed off.
+
+        None when the model changed since the analysis or the upload cannot be opened; the
+        sign-off then proceeds without new renderings.
+        """
+        result = record.result or {}
+        try:
+            model = self.pipeline.model_info
+            if model.sha256 != result.get("model", {}).get("sha256"):
+                return None, None
+            acquisition = self.pipeline.ingest(
+                record.upload_path, transport=Transport(record.transport),
+                scope=Scope(record.scope) if record.scope else None,
+                order=AnalysisOrder.from_json(record.order),
+            )
+        except LeukFhirError as exc:
+            log.warning("analysis %s: report not re-rendered at sign-off (%s)", record.id, exc.code)
+            return None, None
+        cells = tuple(
+            CellFinding(
+                label=c["label"], probabilities=c["probabilities"],
+                box=tuple(c["box"]) if c["box"] else None,  # type: ignore[arg-type]
+                frame=c["frame"], indeterminate_reason=c["indeterminate_reason"],
+            )
+            for c in result.get("cells", [])
+        )
+        return acquisition, Findings(acquisition=acquisition, model=model, cells=cells)
+
+    @staticmethod
+    def _keep_final_report(folder: Path, preliminary: dict[str, Any], signed: dict[str, Any]) -> None:
+        """Keep the signed-off Bundle and its renderings next to the preliminary ones."""
+        (folder / "bundle-preliminary.json").write_text(json.dumps(preliminary), encoding="utf-8")
+        (folder / "bundle.json").write_text(json.dumps(signed), encoding="utf-8")
+        report: dict[str, Any] = next((e["resource"] for e in signed.get("entry", [])
+                       if e["resource"].get("resourceType") == "DiagnosticReport"), {})
+        for form in report.get("presentedForm", []):
+            data = base64.b64decode(form.get("data", ""))
+            if form.get("contentType") == "text/html" and data:
+                (folder / "report.html").write_bytes(data)
+            elif form.get("contentType") == "application/pdf" and data:
+                (folder / "report.pdf").write_bytes(data)
+
     def sign_off(
         self,
         analysis_id: str,
@@ -445,17 +489,23 @@ class LeukFhirService:
         """preliminary -> final: record the person and send the final report to the EHR."""
         record = self.store.get_analysis(analysis_id)
         key = None
+        folder = self.analysis_dir(analysis_id)
         if record.status == COMPLETED and record.report_status == "preliminary":
-            report_bundle = json.loads(
-                (self.analysis_dir(analysis_id) / "bundle.json").read_text(encoding="utf-8")
-            )
-            key = self.pipeline.sign_off(
-                report_bundle,
-                report_identifier=record.report_identifier or analysis_id,
-                practitioner_identifier=practitioner_identifier,
-                practitioner_name=signed_off_by,
-                comment=comment,
-            )
+            report_bundle = json.loads((folder / "bundle.json").read_text(encoding="utf-8"))
+            acquisition, findings = self._stored_findings(record)
+            try:
+                key, signed = self.pipeline.sign_off(
+                    report_bundle,
+                    report_identifier=record.report_identifier or analysis_id,
+                    practitioner_identifier=practitioner_identifier,
+                    practitioner_name=signed_off_by,
+                    comment=comment,
+                    findings=findings,
+                )
+            finally:
+                if acquisition is not None:
+                    acquisition.pixels.close()
+            self._keep_final_report(folder, report_bundle, signed)
         record = self.store.record_sign_off(
             analysis_id, signed_off_by=signed_off_by, role=role, comment=comment,
             delivery_key=key,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -151,23 +150,9 @@ def artifacts_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def hapi_base(request: pytest.FixtureRequest) -> str:
-    """Base URL of the real HAPI FHIR server (``fhir_base`` from tests/conftest.py when present)."""
-    try:
-        return str(request.getfixturevalue("fhir_base")).rstrip("/")
-    except pytest.FixtureLookupError:
-        pass
-    base = os.environ.get("LEUK_FHIR_TEST_FHIR_BASE")
-    if not base:
-        import requests
-        try:
-            if requests.get("http://127.0.0.1:8080/fhir/metadata", timeout=5).ok:
-                base = "http://127.0.0.1:8080/fhir"
-        except requests.RequestException:
-            pass
-    if not base:
-        pytest.skip("no HAPI FHIR server: set LEUK_FHIR_TEST_FHIR_BASE or run tests/hapi-server/run")
-    return base.rstrip("/")
+def hapi_base(fhir_base: str) -> str:
+    """Base URL of the real HAPI FHIR server (the suite's ``fhir_base``, tests/conftest.py)."""
+    return fhir_base.rstrip("/")
 
 
 @pytest.fixture(scope="session")

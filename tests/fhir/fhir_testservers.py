@@ -68,13 +68,15 @@ class FaultProxy:
     """See module docstring. ``base_url`` is ``http://127.0.0.1:PORT/fhir``."""
 
     def __init__(self, upstream: str | None, port: int | None = None,
-                 token_check: Any | None = None, smart_configuration: dict[str, Any] | None = None) -> None:
+                 token_check: Any | None = None, smart_configuration: dict[str, Any] | None = None,
+                 ssl_context: Any | None = None) -> None:
         self.upstream = upstream.rstrip("/") if upstream else None
         self.port = port or free_port()
         self.faults: collections.deque[Fault] = collections.deque()
         self.log = ProxyLog()
         self.token_check = token_check
         self.smart_configuration = smart_configuration
+        self.ssl_context = ssl_context
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._session = requests.Session()
@@ -82,7 +84,8 @@ class FaultProxy:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/fhir"
+        scheme = "https" if self.ssl_context else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/fhir"
 
     def inject(self, *faults: Fault) -> None:
         self.faults.extend(faults)
@@ -107,6 +110,8 @@ class FaultProxy:
 
         server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         server.daemon_threads = True
+        if self.ssl_context is not None:
+            server.socket = self.ssl_context.wrap_socket(server.socket, server_side=True)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, daemon=True)
         self._thread.start()

@@ -150,3 +150,46 @@ def test_auth_settings_errors(tmp_path, rsa_key):
                                         base_url="http://127.0.0.1:1/fhir"))
     with pytest.raises(ConfigurationError):
         EhrClient.from_settings(FhirSettings())
+
+
+def _self_signed(tmp_path):
+    import datetime as dt
+    import ipaddress
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "ca.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(pem(key))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert_file, key_file)
+    return ctx, cert_file
+
+
+def test_tls_is_verified_and_a_custom_ca_bundle_is_honoured(tmp_path):
+    from leuk_fhir.delivery import EhrUnavailableError
+
+    ctx, ca = _self_signed(tmp_path)
+    proxy = FaultProxy(None, ssl_context=ctx).start()
+    try:
+        assert proxy.base_url.startswith("https://")
+        with pytest.raises(EhrUnavailableError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            EhrClient.from_settings(FhirSettings(base_url=proxy.base_url)).capabilities()
+        caps = EhrClient.from_settings(FhirSettings(base_url=proxy.base_url, ca_bundle=ca)).capabilities()
+        assert caps.fhir_version == "4.0.1"
+        with pytest.raises(ConfigurationError, match="ca_bundle"):
+            EhrClient.from_settings(FhirSettings(base_url=proxy.base_url, ca_bundle=tmp_path / "missing.pem"))
+    finally:
+        proxy.stop()

@@ -111,6 +111,9 @@ def test_list_detail_alert_and_sign_off(make_app, live_server, browser, cell_png
     page.click("#signoff-button")
     page.wait_for_selector("#signoff-state .badge.final", timeout=10_000)
     assert "Dr Ada Haem" in page.inner_text("#signoff-state")
+    assert page.is_hidden("#signoff-form")
+    _until(page, "document.getElementById('report-frame').src.includes('v=final')")
+    page.frame_locator("#report-frame").locator("text=Dr Ada Haem").first.wait_for(timeout=20_000)
     page.screenshot(path=str(ARTIFACTS / "detail-signed-off.png"), full_page=True)
 
     # a real smear field: the detected white cell outlined on the field

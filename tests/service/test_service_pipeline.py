@@ -121,6 +121,11 @@ def test_blast_cell_runs_end_to_end_alerts_and_is_signed_off(running_app, live_s
     (final_report,) = _entries(final_bundle, "DiagnosticReport")
     assert final_report["status"] == "final"
     assert "Dr Ada Haem" in json.dumps(final_bundle)
+    # the page's report and Bundle now show the sign-off
+    assert b"Dr Ada Haem" in client.get(f"/v1/analyses/{analysis_id}/report.html").data
+    assert client.get(f"/v1/analyses/{analysis_id}/report.pdf").data.startswith(b"%PDF")
+    (shown,) = _entries(client.get(f"/v1/analyses/{analysis_id}/fhir").get_json(), "DiagnosticReport")
+    assert shown["status"] == "final"
     deliveries = client.get("/v1/deliveries").get_json()
     assert {d["kind"] for d in deliveries["deliveries"]} >= {"report", "communication", "sign-off"}
     app.extensions["leuk_fhir"].broker.close()  # ends the event stream server-side

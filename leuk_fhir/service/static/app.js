@@ -29,8 +29,11 @@ async function api(path, options = {}) {
   return response;
 }
 
-function withToken(path) {
-  return state.token ? path + "?access_token=" + encodeURIComponent(state.token) : path;
+function withToken(path, params = {}) {
+  const query = new URLSearchParams(params);
+  if (state.token) query.set("access_token", state.token);
+  const text = query.toString();
+  return text ? path + "?" + text : path;
 }
 
 function showTokenPanel() { $("token-panel").hidden = false; }
@@ -242,9 +245,9 @@ async function showDetail(id) {
       }
     } catch (e) { drawOverlay(a); }
     // Frames and links cannot send headers: GETs may carry the token as ?access_token=.
-    const reportUrl = withToken(a.links.report_html);
+    const reportUrl = withToken(a.links.report_html, { v: a.report.status || "" });  // reload once final
     if ($("report-frame").getAttribute("src") !== reportUrl) $("report-frame").src = reportUrl;
-    $("pdf-link").href = withToken(a.links.report_pdf);
+    $("pdf-link").href = withToken(a.links.report_pdf, { v: a.report.status || "" });
   } else {
     $("detail-image").removeAttribute("src");
     $("overlay").replaceChildren();
@@ -253,6 +256,12 @@ async function showDetail(id) {
 }
 
 // ---- live events -----------------------------------------------------------------------
+let listReload = null;
+function scheduleListReload() {  // at most two list reloads a second, however busy the lab
+  if (listReload) return;
+  listReload = setTimeout(() => { listReload = null; loadList(); }, 500);
+}
+
 function showAlert(data) {
   const text = "Blasts detected" + (data.blast_percentage != null ? " (" + data.blast_percentage.toFixed(1) + " % of classified cells)" : "") +
     " in analysis " + data.id.slice(0, 11) + (data.communication_queued
@@ -274,7 +283,7 @@ function connectEvents() {
   es.onerror = () => { $("live").textContent = "○ reconnecting"; $("live").classList.remove("on"); };
   es.addEventListener("analysis", (ev) => {
     const data = JSON.parse(ev.data);
-    if (!$("list-view").hidden) loadList();
+    if (!$("list-view").hidden) scheduleListReload();
     if (state.current === data.id && !$("detail-view").hidden) showDetail(data.id);
   });
   es.addEventListener("alert", (ev) => showAlert(JSON.parse(ev.data)));
