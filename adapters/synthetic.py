@@ -296,13 +296,15 @@ def write_pyramid_tiff(
     microns_per_pixel: float = 0.25,
     quality: int = 85,
     level_reader: Callable[[int], Callable[[int, int, int, int], np.ndarray]] | None = None,
+    aperio: bool = False,
 ) -> Path:
     """Write a tiled JPEG pyramidal TIFF tile by tile (bounded memory).
 
     ``tile_reader(x, y, w, h)`` returns level-0 RGB pixels; lower levels are built by
     averaging level-0 regions read again, so no level is ever held whole. When
     ``level_reader(level)`` is given it returns a reader in that level's own pixel
-    coordinates instead (much faster for large synthetic slides).
+    coordinates instead (much faster for large synthetic slides). ``aperio`` writes the
+    Aperio SVS ImageDescription header (OpenSlide then reads it as vendor ``aperio``).
     """
     import tifffile
 
@@ -350,7 +352,14 @@ def write_pyramid_tiff(
                 subfiletype=0 if level == 0 else 1,
                 resolution=(res / factor, res / factor),
                 resolutionunit="CENTIMETER",
-                description=f"leuk-fhir synthetic slide level {level}" if level == 0 else None,
+                description=(
+                    f"Aperio Image Library v12.0.0\r\n{width}x{height} ({tile_size}x{tile_size}) "
+                    f"JPEG/RGB Q={quality}|AppMag = 40|MPP = {microns_per_pixel}"
+                    if aperio
+                    else f"leuk-fhir synthetic slide level {level}"
+                )
+                if level == 0
+                else None,
                 metadata=None,
             )
     return path

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 #: Cells are detected at the coarsest level where they are still this many pixels across.
 MIN_DETECTION_DIAMETER_PX = 40.0
+#: Crop side / detected cell box side. PBC single-cell images (the training data's framing:
+#: the cell centred with neighbouring red cells around it) are 360 px for a ~156 px box.
+CROP_CONTEXT = 2.3
 #: Crops sent to the classifier per call.
 CLASSIFY_BATCH = 32
 
@@ -58,10 +61,13 @@ class _CropRequest:
     pixels: np.ndarray
 
 
-def square_crop_box(box: tuple[int, int, int, int]) -> tuple[int, int, int]:
-    """The square (x, y, side) centred on ``box`` that the classifier sees."""
+def square_crop_box(
+    box: tuple[int, int, int, int], context: float = CROP_CONTEXT
+) -> tuple[int, int, int]:
+    """The square (x, y, side) centred on ``box`` that the classifier sees: ``context`` times
+    the box's longer side, so a detected cell is framed like a training cell image."""
     x, y, w, h = box
-    side = max(w, h)
+    side = max(1, round(max(w, h) * context))
     return x + w // 2 - side // 2, y + h // 2 - side // 2, side
 
 

@@ -96,6 +96,7 @@ def cross_validate(
             "fold": i + 1,
             "train_images": int(len(train)),
             "test_images": int(len(test)),
+            "epochs": pipeline.history.epochs,
             "seconds_train": round(t1 - t0, 2),
             "seconds_test": round(t2 - t1, 2),
             "seconds_parts": {k: round(v, 2) for k, v in pipeline.seconds.items()},
@@ -232,6 +233,13 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
 
 
+def _epochs_text(report: dict[str, Any]) -> str:
+    if report["config"]["epochs"]:
+        return str(report["config"]["epochs"])
+    used = sorted({f["epochs"] for f in report["per_fold"]})
+    return "auto (" + ", ".join(map(str, used)) + ")"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     data = report["dataset"]
     lines = [
@@ -240,7 +248,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Data: `{data['source']}`: {report['images']} images, classes {data['classes']}; "
         f"{data['duplicates_dropped']} byte-identical duplicate(s) dropped; "
         f"{report['folds']}-fold {'grouped ' if report['grouped'] else ''}stratified cross-validation; "
-        f"image size {report['config']['image_size']} px, {report['config']['epochs']} epochs; "
+        f"image size {report['config']['image_size']} px, {_epochs_text(report)} epochs; "
         f"{report['seconds_total']:.0f} s in total.",
         "",
         "## Accuracy per head (mean +- std over folds, %)",

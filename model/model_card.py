@@ -75,7 +75,7 @@ def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
     config = training.get("config")
     if config:
         lines.append(
-            f"- Training: {config.get('epochs')} epochs, batch {config.get('batch_size')}, seed {config.get('seed')}."
+            f"- Training: {training.get('history', {}).get('epochs', config.get('epochs'))} epochs, batch {config.get('batch_size')}, seed {config.get('seed')}."
         )
     evaluation = manifest.get("evaluation")
     lines += ["", "## Measured performance", ""]

@@ -28,6 +28,16 @@ from leuk_fhir.model.hosvd import HOSVDClassifier
 log = logging.getLogger(__name__)
 
 HEADS = ("hosvd", "softmax", "svm")
+DEFAULT_EPOCHS = 15
+MIN_STEPS = 400
+
+
+def resolve_epochs(epochs: int, n_images: int, batch_size: int) -> int:
+    """Epochs to train: ``epochs`` when given, else auto (see :class:`TrainingConfig`)."""
+    if epochs > 0:
+        return epochs
+    steps_per_epoch = max(1, -(-n_images // batch_size))
+    return max(DEFAULT_EPOCHS, -(-MIN_STEPS // steps_per_epoch))
 
 
 @dataclass(frozen=True)
@@ -35,7 +45,9 @@ class TrainingConfig:
     """Everything that defines a training run (stored in the model artifact)."""
 
     image_size: int = 64
-    epochs: int = 15
+    #: 0 = auto: 15 epochs, or more on small datasets so training takes at least
+    #: ``MIN_STEPS`` optimiser steps (a 300-image set gets about 100 epochs).
+    epochs: int = 0
     batch_size: int = 64
     learning_rate: float = 4e-3
     widths: tuple[int, ...] = (16, 32, 64, 96)
@@ -126,12 +138,13 @@ def fit_pipeline(
     cnn_config = CNNConfig(
         n_classes=len(class_names), widths=config.widths, feature_grid=config.feature_grid
     )
+    epochs = resolve_epochs(config.epochs, len(images), config.batch_size)
     bar = None
     callback = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=config.epochs, desc=description, unit="epoch", leave=False)
+        bar = tqdm(total=epochs, desc=description, unit="epoch", leave=False)
 
         def callback(epoch: int, loss: float, accuracy: float) -> None:
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
@@ -143,7 +156,7 @@ def fit_pipeline(
         cnn_config,
         mean,
         std,
-        config.epochs,
+        epochs,
         config.seed,
         device,
         batch_size=config.batch_size,

@@ -74,6 +74,7 @@ def train_and_save(
         "data": dataset.summary(),
         "config": config.to_json(),
         "history": {
+            "epochs": pipeline.history.epochs,
             "train_loss": list(pipeline.history.train_loss),
             "train_accuracy": list(pipeline.history.train_accuracy),
             "seconds": pipeline.history.seconds,

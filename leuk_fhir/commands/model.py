@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from leuk_fhir.model.dataset import CellDataset
     from leuk_fhir.model.training import TrainingConfig
 
-_DEFAULTS = {"epochs": 15, "image_size": 64, "seed": 0}
+_DEFAULTS = {"epochs": 0, "image_size": 64, "seed": 0}
 
 
 def _training_options(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
         "--epochs",
         type=int,
         default=_DEFAULTS["epochs"],
-        help="CNN training epochs (default %(default)s)",
+        help="CNN training epochs (default: auto, 15 or more so small datasets get >= 400 steps)",
     )
     parser.add_argument(
         "--image-size",
@@ -112,7 +112,7 @@ def _config(args: argparse.Namespace, settings_device: str) -> TrainingConfig:
     from leuk_fhir.model.training import TrainingConfig
 
     for name in ("epochs", "image_size"):
-        if getattr(args, name) < (1 if name == "epochs" else 16):
+        if getattr(args, name) < (0 if name == "epochs" else 16):
             raise InputError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
     return TrainingConfig(
         image_size=args.image_size,
@@ -193,7 +193,9 @@ def _predict(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     _apply_threads(settings.model.threads)
     clf = load_classifier(
-        args.model or settings.model.path, device=args.device or settings.model.device
+        args.model or settings.model.path,
+        device=args.device or settings.model.device,
+        batch_size=settings.model.batch_size,
     )
     images = [decode_image(p, settings.image.max_pixels) for p in args.images]
     findings = clf.classify(images)

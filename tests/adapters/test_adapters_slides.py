@@ -101,6 +101,7 @@ def test_level_with_missing_tiles_is_refused(tmp_path: Path) -> None:
         open_dicom_slide(paths)
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 def test_truncated_slide_file_is_refused(pyramid_tiff: Path, tmp_path: Path) -> None:
     cut = tmp_path / "cut.tif"
     data = pyramid_tiff.read_bytes()
@@ -109,3 +110,14 @@ def test_truncated_slide_file_is_refused(pyramid_tiff: Path, tmp_path: Path) -> 
         acq = open_acquisition(cut)
         for _ in acq.pixels.iter_tiles(512):
             pass
+
+
+def test_aperio_svs_through_openslide(tmp_path: Path) -> None:
+    path = write_pyramid_tiff(
+        tmp_path / "slide.svs", 1600, 1200, _reader, tile_size=256, levels=2, microns_per_pixel=0.5, aperio=True
+    )
+    assert sniff_format(path) == "openslide:aperio"
+    acq = open_acquisition(path)
+    assert acq.scope == Scope.SLIDE and acq.pixels.microns_per_pixel == 0.5
+    assert [lv.width for lv in acq.pixels.levels] == [1600, 800]
+    assert np.abs(acq.pixels.read_region(0, 0, 256, 256).astype(int) - SLIDE[:256, :256]).mean() < 4

@@ -135,8 +135,9 @@ public final class HapiTestServer {
 
   /**
    * Rejects requests whose body breaks the base R4 specification (HTTP 422 with an
-   * OperationOutcome). Codes from code systems that cannot be loaded offline (LOINC, SNOMED CT)
-   * only warn; see {@link OfflineTerminologyLeniency}.
+   * OperationOutcome). Terminology problems with LOINC, SNOMED CT and UCUM codes only warn; see
+   * {@link OfflineTerminologyLeniency}, applied to the validator bean by {@link
+   * ValidationCustomizer}.
    */
   private static RequestValidatingInterceptor requestValidation(
       AnnotationConfigApplicationContext spring) {
