@@ -86,6 +86,7 @@ def test_small_dicom_with_spacing_is_one_cell(tmp_path: Path, pbc_cell: np.ndarr
     assert open_acquisition(path).scope == Scope.CELL  # 363 px * 0.07 um = 25 um
 
 
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
 def test_not_dicom_and_truncated_dicom_are_refused(tmp_path: Path) -> None:
     fake = tmp_path / "fake.dcm"
     fake.write_bytes(b"\x00" * 128 + b"DICM" + b"garbage" * 10)
