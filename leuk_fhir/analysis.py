@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
@@ -41,6 +43,8 @@ MIN_DETECTION_DIAMETER_PX = 40.0
 #: Crop side / detected cell box side. PBC single-cell images (the training data's framing:
 #: the cell centred with neighbouring red cells around it) are 360 px for a ~156 px box.
 CROP_CONTEXT = 2.3
+#: Crops buffered between the slide-reading thread and classification.
+SLIDE_QUEUE_CROPS = 96
 #: Crops sent to the classifier per call.
 CLASSIFY_BATCH = 32
 
@@ -168,6 +172,20 @@ def _analyze_slide(
     detection: DetectionSettings,
     progress: Callable[[int, int], None] | None,
 ) -> None:
+    """Two stages on two threads: tile reading + detection + cropping (a producer thread, the
+    only one touching the pixel source) feeds classification (this thread) through a bounded
+    queue, so decoding and the CNN overlap while memory stays bounded."""
+    crops = _slide_crops(acquisition, image_settings, detection, progress)
+    for request in _prefetched(crops, maxsize=SLIDE_QUEUE_CROPS):
+        batcher.add(request)
+
+
+def _slide_crops(
+    acquisition: Acquisition,
+    image_settings: ImageSettings,
+    detection: DetectionSettings,
+    progress: Callable[[int, int], None] | None,
+) -> Iterator[_CropRequest]:
     pixels = acquisition.pixels
     level, tile_size, overlap, diameter = slide_tiles(acquisition, image_settings.tile_size)
     lvl = pixels.levels[level]
@@ -195,10 +213,54 @@ def _analyze_slide(
                 round(bh * lvl.downsample),
             )
             x, y, side = square_crop_box(box0)
-            crop = pixels.read_region(x, y, side, side, 0)
-            batcher.add(_CropRequest(box0, 0, crop))
+            yield _CropRequest(box0, 0, pixels.read_region(x, y, side, side, 0))
         if progress:
             progress(done, total)
+
+
+_END = object()
+
+
+def _prefetched(items: Iterator[_CropRequest], maxsize: int) -> Iterator[_CropRequest]:
+    """Run ``items`` on a worker thread, buffering at most ``maxsize``; errors re-raised here.
+
+    If the consumer stops early (an exception while classifying), the worker is told to stop
+    and exits at its next item.
+    """
+    buffer: queue.Queue[object] = queue.Queue(maxsize=maxsize)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            put(exc)
+
+    worker = threading.Thread(target=work, name="slide-tiles", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        worker.join(timeout=10)
 
 
 def _tiles(pixels: object, tile_size: int, level: int, overlap: int) -> Iterator:

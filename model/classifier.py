@@ -25,7 +25,7 @@ from leuk_fhir.findings import INDETERMINATE, CellClass, CellFinding, ModelInfo
 from leuk_fhir.model.artifact import ModelArtifact, class_records, read_artifact, write_artifact
 from leuk_fhir.model.classes import cell_class_for
 from leuk_fhir.model.cnn import CellCNN, CNNConfig, extract, resolve_device
-from leuk_fhir.model.hosvd import HOSVDClassifier
+from leuk_fhir.model.hosvd import HOSVDClassifier, feature_norms
 from leuk_fhir.model.images import prepare_batch
 from leuk_fhir.model.training import FittedPipeline
 
@@ -103,7 +103,7 @@ class CellClassifier:
             if len(maps)
             else np.zeros((0, len(self.class_names))),
             residuals=residuals,
-            ood_scores=self.hosvd.out_of_distribution_scores(residuals),
+            ood_scores=self.hosvd.out_of_distribution_scores(residuals, feature_norms(maps)),
             softmax=soft,
         )
 
@@ -123,8 +123,8 @@ class CellClassifier:
                         probabilities=probabilities,
                         residuals=residuals,
                         indeterminate_reason=(
-                            "out of distribution: the relative residual to every class subspace is above "
-                            f"its threshold (lowest residual/threshold ratio {score:.2f})"
+                            "out of distribution: too far from every class subspace, or feature "
+                            f"energy outside the training range (score {score:.2f} > 1)"
                         ),
                     )
                 )

@@ -145,6 +145,12 @@ def relative_residuals(samples: np.ndarray, subspace: SubspaceBasis) -> np.ndarr
     return cumulative_relative_residuals(samples, subspace)[:, -1]
 
 
+def feature_norms(samples: np.ndarray) -> np.ndarray:
+    """Frobenius norm of each sample's feature tensor."""
+    x = as_feature_tensor(samples)
+    return np.linalg.norm(x.reshape(len(x), -1), axis=1)
+
+
 def _orthonormal_columns(matrix: np.ndarray) -> np.ndarray:
     """Re-orthonormalise float32-stored factors in float64 (QR, signs kept)."""
     q, r = np.linalg.qr(np.asarray(matrix, dtype=np.float64))
@@ -180,8 +186,10 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
     set) or fixed values: ``channel_rank`` / ``position_rank`` truncate modes 1 and 2 (an int,
     or a float in (0, 1] read as a fraction of the mode size), ``n_basis`` is the number of
     core slices per subspace, ``n_subspaces`` the number of k-means sub-classes per class.
-    ``ood_quantile`` and ``ood_margin`` set the out-of-distribution threshold of each class:
-    ``margin x quantile`` of its held-out residuals (at least 0.01).
+    ``ood_quantile`` and ``ood_margin`` set the out-of-distribution rule: a sample is out of
+    distribution when its residual to the nearest class exceeds ``margin x quantile`` of the
+    held-out nearest-class residuals (at least 0.01), or its feature-map energy lies outside
+    the training range widened by ``margin``.
     """
 
     def __init__(
@@ -333,13 +341,31 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
         self.temperature_ = fit_temperature(held_out, y_index)
         # n held-out samples cannot support a probability closer to 0 or 1 than about 1/n.
         self.probability_floor_ = 1.0 / (len(x) + 2)
+        # Out-of-distribution thresholds: a margin above the ``ood_quantile`` of the held-out
+        # residual to the *nearest* class, per nearest class (global when it has few samples).
+        nearest, nearest_residual = held_out.argmin(axis=1), held_out.min(axis=1)
+        overall = np.quantile(nearest_residual, self.ood_quantile)
         self.ood_thresholds_ = np.array(
             [
                 max(
-                    self.ood_margin * np.quantile(held_out[y_index == c, c], self.ood_quantile),
+                    self.ood_margin
+                    * (
+                        np.quantile(nearest_residual[nearest == c], self.ood_quantile)
+                        if np.sum(nearest == c) >= 20
+                        else overall
+                    ),
                     0.01,
                 )
                 for c in range(len(self.classes_))
+            ]
+        )
+        # ... and the range of feature-map energy seen in training (catches inputs that excite
+        # the CNN far more or far less than any cell did: noise, flat colours, wrong stains).
+        norms = np.linalg.norm(x.reshape(len(x), -1), axis=1)
+        self.norm_range_ = np.array(
+            [
+                np.quantile(norms, 1.0 - self.ood_quantile) / self.ood_margin,
+                np.quantile(norms, self.ood_quantile) * self.ood_margin,
             ]
         )
         self.subspaces_ = self._fit_subspaces(x, y_index, [(r1, r2)], n_sub, self.n_basis_)[
@@ -382,13 +408,25 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
         return self.classes_[residuals.argmin(axis=1)]
 
     def is_out_of_distribution(self, X: np.ndarray) -> np.ndarray:
-        """True where the residual to every class exceeds that class's threshold."""
-        return self.out_of_distribution_scores(self.residuals(X)) > 1.0
+        """True where a sample is far from every class (see :meth:`out_of_distribution_scores`)."""
+        x = as_feature_tensor(X)
+        return self.out_of_distribution_scores(self.residuals(x), feature_norms(x)) > 1.0
 
-    def out_of_distribution_scores(self, residuals: np.ndarray) -> np.ndarray:
-        """min over classes of residual / threshold; above 1 means out of distribution."""
+    def out_of_distribution_scores(
+        self, residuals: np.ndarray, norms: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Above 1 means out of distribution: the largest of (residual to the nearest class /
+        that class's threshold) and, when ``norms`` are given, how far the feature-map energy
+        lies outside the range seen in training (ratio to the nearer bound)."""
         self._check_fitted()
-        return (np.asarray(residuals) / self.ood_thresholds_[None, :]).min(axis=1)
+        residuals = np.asarray(residuals)
+        nearest = residuals.argmin(axis=1)
+        score = residuals[np.arange(len(residuals)), nearest] / self.ood_thresholds_[nearest]
+        norm_range = getattr(self, "norm_range_", None)
+        if norms is not None and norm_range is not None:
+            norms = np.maximum(np.asarray(norms, dtype=np.float64), 1e-12)
+            score = np.maximum(score, np.maximum(norm_range[0] / norms, norms / norm_range[1]))
+        return score
 
     # -- state for the model artifact -------------------------------------------------------
     def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -407,7 +445,10 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
             "probability_floor": self.probability_floor_,
             "subspace_classes": [int(c) for c, _ in self.subspaces_],
         }
-        arrays: dict[str, np.ndarray] = {"ood_thresholds": self.ood_thresholds_}
+        arrays: dict[str, np.ndarray] = {
+            "ood_thresholds": self.ood_thresholds_,
+            "norm_range": self.norm_range_,
+        }
         for i, (_, sub) in enumerate(self.subspaces_):
             arrays[f"subspace{i}.channel_factors"] = sub.channel_factors.astype(np.float32)
             arrays[f"subspace{i}.position_factors"] = sub.position_factors.astype(np.float32)
@@ -429,6 +470,8 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
         clf.temperature_ = float(meta["temperature"])
         clf.probability_floor_ = float(meta.get("probability_floor", 0.0))
         clf.ood_thresholds_ = np.asarray(arrays["ood_thresholds"], dtype=np.float64)
+        if "norm_range" in arrays:
+            clf.norm_range_ = np.asarray(arrays["norm_range"], dtype=np.float64)
         clf.subspaces_ = [
             (
                 int(c),

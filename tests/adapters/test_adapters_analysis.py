@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from leuk_fhir.acquisition import Scope
@@ -22,6 +23,7 @@ from leuk_fhir.adapters.synthetic import (
     write_pyramid_tiff,
 )
 from leuk_fhir.analysis import analyze, slide_tiles
+from leuk_fhir.errors import InvalidImageError
 from leuk_fhir.findings import INDETERMINATE
 from leuk_fhir.settings import ImageSettings
 
@@ -111,3 +113,38 @@ def test_bccd_tile_reader_is_seamless() -> None:
     read = bccd_tile_reader(fields)
     whole = read(0, 0, 20, 10)
     assert np.array_equal(read(5, 3, 7, 4), whole[3:7, 5:12])
+
+
+def _slide(tmp_path: Path) -> Path:
+    plane, _ = synthetic_smear_field(
+        2048, 2048, white_cells=12, red_cells=300, cell_diameter=90, seed=8
+    )
+
+    def reader(x: int, y: int, w: int, h: int) -> np.ndarray:
+        return plane[y : y + h, x : x + w]
+
+    return write_pyramid_tiff(
+        tmp_path / "s.tif", 2048, 2048, reader, tile_size=256, levels=2, microns_per_pixel=13 / 90
+    )
+
+
+def test_slide_errors_surface_and_stop_the_reader(tmp_path: Path, classifier) -> None:
+    import threading
+
+    class Failing:
+        info = classifier.info
+
+        def classify(self, crops):
+            raise RuntimeError("classifier exploded")
+
+    with pytest.raises(RuntimeError, match="exploded"):
+        analyze(open_acquisition(_slide(tmp_path)), Failing(), ImageSettings(tile_size=256))
+    assert not any(t.name == "slide-tiles" for t in threading.enumerate())
+
+    path = _slide(tmp_path)
+    data = bytearray(path.read_bytes())
+    lo, hi = len(data) // 5, len(data) // 2  # level-0 tile data: JPEG streams overwritten
+    data[lo:hi] = bytes(hi - lo)
+    path.write_bytes(bytes(data))
+    with pytest.raises(InvalidImageError):
+        analyze(open_acquisition(path), classifier, ImageSettings(tile_size=256))

@@ -114,7 +114,14 @@ def test_truncated_slide_file_is_refused(pyramid_tiff: Path, tmp_path: Path) -> 
 
 def test_aperio_svs_through_openslide(tmp_path: Path) -> None:
     path = write_pyramid_tiff(
-        tmp_path / "slide.svs", 1600, 1200, _reader, tile_size=256, levels=2, microns_per_pixel=0.5, aperio=True
+        tmp_path / "slide.svs",
+        1600,
+        1200,
+        _reader,
+        tile_size=256,
+        levels=2,
+        microns_per_pixel=0.5,
+        aperio=True,
     )
     assert sniff_format(path) == "openslide:aperio"
     acq = open_acquisition(path)
