@@ -4,7 +4,7 @@ Proves, over HTTP on loopback: it is HAPI FHIR speaking R4 with every resource t
 writes; request validation rejects resources that break the base R4 specification with an
 OperationOutcome; transactions resolve `urn:uuid` references and honour conditional creates and
 updates; identifier search, `$validate` and `$expunge` work; codes the offline server cannot know
-(LOINC, SNOMED CT, UCUM) warn at most, while other terminology is still checked.
+(LOINC, SNOMED CT) warn at most; UCUM is checked offline and stays strict, while other terminology is still checked.
 """
 
 from __future__ import annotations
@@ -218,17 +218,28 @@ def test_unknown_loinc_code_is_accepted_with_a_warning_at_most(
     assert created.status_code == 201, created.text
 
 
-def test_snomed_and_ucum_problems_only_warn(
+def test_snomed_problems_only_warn(
         fhir_base: str, fhir_namespace: FhirTestNamespace) -> None:
     observation = blast_observation(
-        fhir_namespace, "ucum-snomed",
-        valueQuantity={"value": 1, "unit": "?", "system": UCUM, "code": "not-a-ucum-unit"},
+        fhir_namespace, "snomed",
         method={"coding": [{"system": "http://snomed.info/sct", "code": "1",
                             "display": "Not a SNOMED CT concept"}]})
     status, outcome = validate(fhir_base, observation)
     assert status == 200
     assert issues(outcome, "error", "fatal") == []
-    assert any("not-a-ucum-unit" in i.get("diagnostics", "") for i in issues(outcome, "warning"))
+    assert any("snomed" in i.get("diagnostics", "").lower() for i in issues(outcome, "warning"))
+
+
+def test_invalid_ucum_unit_is_an_error(
+        fhir_base: str, fhir_namespace: FhirTestNamespace) -> None:
+    """HAPI checks UCUM offline, so a bad unit must stay an error (no leniency for UCUM)."""
+    observation = blast_observation(
+        fhir_namespace, "ucum",
+        valueQuantity={"value": 1, "unit": "?", "system": UCUM, "code": "not-a-ucum-unit"})
+    status, outcome = validate(fhir_base, observation)
+    assert status == 422
+    assert any("not-a-ucum-unit" in i.get("diagnostics", "")
+               for i in issues(outcome, "error", "fatal"))
 
 
 def test_ai_security_label_is_known_but_other_terminology_is_still_checked(

@@ -135,7 +135,7 @@ public final class HapiTestServer {
 
   /**
    * Rejects requests whose body breaks the base R4 specification (HTTP 422 with an
-   * OperationOutcome). Terminology problems with LOINC, SNOMED CT and UCUM codes only warn; see
+   * OperationOutcome). Terminology problems with LOINC and SNOMED CT codes only warn (UCUM is checked offline and stays strict); see
    * {@link OfflineTerminologyLeniency}, applied to the validator bean by {@link
    * ValidationCustomizer}.
    */

@@ -9,7 +9,7 @@ import java.util.Locale;
 import org.hl7.fhir.instance.model.api.IBaseResource;
 
 /**
- * Wraps HAPI's instance validator and turns terminology errors about LOINC, SNOMED CT and UCUM
+ * Wraps HAPI's instance validator and turns terminology errors about LOINC and SNOMED CT
  * codes into warnings.
  *
  * <p>LOINC and SNOMED CT cannot be loaded on an offline test machine, so their codes cannot be
@@ -21,10 +21,10 @@ final class OfflineTerminologyLeniency implements IInstanceValidatorModule {
 
   /** Code systems whose terminology issues are reported as warnings at most. */
   static final List<String> LENIENT_SYSTEMS =
-      List.of("http://loinc.org", "http://snomed.info/sct", "http://unitsofmeasure.org");
+      List.of("http://loinc.org", "http://snomed.info/sct");
 
   static final String NOTE =
-      " [leuk-fhir test server: terminology issue for LOINC/SNOMED CT/UCUM reported as warning]";
+      " [leuk-fhir test server: terminology issue for LOINC/SNOMED CT reported as warning]";
 
   private final IInstanceValidatorModule delegate;
 
