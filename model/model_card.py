@@ -69,8 +69,9 @@ def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
         f"images, {hosvd['n_subspaces']} sub-class subspace(s) per class, chosen by inner "
         f"cross-validation (inner accuracy {_pct(hosvd.get('cv_accuracy'))}); probabilities by a "
         f"temperature ({hosvd['temperature']:.4g}) fitted on held-out residuals.",
-        "- Out of distribution: `indeterminate` when the relative residual to every class exceeds "
-        "that class's threshold (margin x 99.5th percentile of held-out residuals).",
+        "- Out of distribution: `indeterminate` when the relative residual to the nearest class "
+        "exceeds that class's threshold (1.15 x the 99.5th percentile of held-out nearest-class "
+        "residuals) or the feature-map energy lies outside the range seen in training.",
     ]
     config = training.get("config")
     if config:

@@ -227,7 +227,9 @@ def test_snomed_problems_only_warn(
     status, outcome = validate(fhir_base, observation)
     assert status == 200
     assert issues(outcome, "error", "fatal") == []
-    assert any("snomed" in i.get("diagnostics", "").lower() for i in issues(outcome, "warning"))
+    created = requests.post(f"{fhir_base}/Observation", json=observation, headers=HEADERS,
+                            timeout=60)
+    assert created.status_code == 201, created.text
 
 
 def test_invalid_ucum_unit_is_an_error(
