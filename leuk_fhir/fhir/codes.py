@@ -37,7 +37,6 @@ MEDIA_SYSTEM = "urn:leuk-fhir:media"
 SPECIMEN_SYSTEM = "urn:leuk-fhir:specimen"
 OBSERVATION_SYSTEM = "urn:leuk-fhir:observation-id"
 MODEL_CARD_SYSTEM = "urn:leuk-fhir:model-card"
-COMMUNICATION_SYSTEM = "urn:leuk-fhir:communication"
 PRACTITIONER_SYSTEM = "urn:leuk-fhir:practitioner"
 
 

@@ -162,7 +162,7 @@ def build_communication_bundle(
     dev_system, dev_value = _first_identifier(_entry(bundle, "Device")["resource"])
     recipient = recipient if recipient is not None else settings.alert_recipient
     when = fhir_instant(now or datetime.now(UTC))
-    value = f"{dr_value}.alert"
+    value = f"{dr_value}.alert"  # in the site's report identifier system
     text = (
         "AI alert: blasts detected in a blood smear. "
         f"{dr.get('conclusion', '')} Review DiagnosticReport {dr_system}|{dr_value}."
@@ -170,7 +170,7 @@ def build_communication_bundle(
     comm: dict[str, Any] = {
         "resourceType": "Communication",
         "meta": ai_meta(),
-        "identifier": [identifier(C.COMMUNICATION_SYSTEM, value)],
+        "identifier": [identifier(dr_system, value)],
         "status": "completed",
         "category": [C.concept(C.COMMUNICATION_CATEGORY, "alert", "Alert")],
         "priority": "urgent",
@@ -184,7 +184,7 @@ def build_communication_bundle(
     if recipient:
         comm["recipient"] = [{"reference": recipient}]
     tb = TransactionBuilder()
-    tb.create(comm, C.COMMUNICATION_SYSTEM, value)
+    tb.create(comm, dr_system, value)
     return tb.bundle()
 
 

@@ -17,6 +17,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -240,24 +241,11 @@ class LeukFhirService:
     ) -> AnalysisRecord:
         """Persist an upload and its job row, validate it, queue it. Raises before persisting
         when the queue is full, and removes everything again when the input is invalid."""
-        self.queue.reserve()
-        analysis_id = new_analysis_id()
-        folder = self.analysis_dir(analysis_id)
-        committed = False
-        try:
-            upload = folder / "upload" / _safe_filename(filename)
-            upload.parent.mkdir(parents=True, exist_ok=True)
-            digest = self._save_stream(stream, upload)
-            record = self._persist_and_queue(
-                analysis_id, upload, filename=filename, media_type=media_type, digest=digest,
-                transport=transport, scope=scope, order=order, submitted_by=submitted_by,
-            )
-            committed = True
-            return record
-        finally:
-            if not committed:
-                self.queue.release()
-                shutil.rmtree(folder, ignore_errors=True)
+        return self._accept(
+            lambda upload: self._save_stream(stream, upload),
+            filename=filename, media_type=media_type, transport=transport, scope=scope,
+            order=order, submitted_by=submitted_by,
+        )
 
     def submit_dicom_instance(self, path: Path, reference: DicomReference) -> None:
         """C-STORE callback: take over a spooled instance (or study folder) and queue it.
@@ -283,6 +271,32 @@ class LeukFhirService:
         submitted_by: str | None = None,
     ) -> AnalysisRecord:
         """Queue a file already on disk (moved into the service's data directory)."""
+
+        def move_in(upload: Path) -> str:
+            shutil.move(str(path), upload)
+            return _digest(upload)
+
+        return self._accept(
+            move_in, filename=filename, media_type=media_type, transport=transport,
+            scope=scope, order=None, submitted_by=submitted_by,
+        )
+
+    def _accept(
+        self,
+        place: Callable[[Path], str],
+        *,
+        filename: str | None,
+        media_type: str | None,
+        transport: Transport,
+        scope: Scope | None,
+        order: AnalysisOrder | None,
+        submitted_by: str | None,
+    ) -> AnalysisRecord:
+        """Reserve a queue slot, ``place`` the upload (returns its sha256), persist, queue.
+
+        Anything that fails before the job row is committed releases the slot and removes
+        the analysis folder, so nothing half-written is ever analysed.
+        """
         self.queue.reserve()
         analysis_id = new_analysis_id()
         folder = self.analysis_dir(analysis_id)
@@ -290,11 +304,10 @@ class LeukFhirService:
         try:
             upload = folder / "upload" / _safe_filename(filename)
             upload.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(path), upload)
-            digest = _digest(upload)
+            digest = place(upload)
             record = self._persist_and_queue(
                 analysis_id, upload, filename=filename, media_type=media_type, digest=digest,
-                transport=transport, scope=scope, order=None, submitted_by=submitted_by,
+                transport=transport, scope=scope, order=order, submitted_by=submitted_by,
             )
             committed = True
             return record

@@ -274,6 +274,6 @@ def test_signoff_and_alert_on_hapi(client, tmp_path):
     assert agents == ["attester", "author"]
     obs = client.read(dr["result"][0]["reference"])
     assert obs["status"] == "final"
-    comm = client.search("Communication", {"identifier": f"urn:leuk-fhir:communication|{rb.report_identifier}.alert"})
+    comm = client.search("Communication", {"identifier": f"{s.identifier_system}|{rb.report_identifier}.alert"})
     assert comm["total"] == 1
     assert comm["entry"][0]["resource"]["about"][0]["reference"] == f"DiagnosticReport/{dr['id']}"
