@@ -54,7 +54,7 @@ class ArrayPixelSource:
         pass
 
 
-CLASSES = (CellClass("blast", "Lymphoblast", True, "30251004", "Lymphoblast"),
+CLASSES = (CellClass("blast", "Lymphoblast", True, "15433008", "Lymphoblast"),
            CellClass("lymphocyte", "Lymphocyte", False, "56972008", "Lymphocyte"))
 MODEL = ModelInfo("leuk-hosvd-bench", "1.0.0", hashlib.sha256(b"bench").hexdigest(), CLASSES,
                   metrics={"accuracy_mean": 0.97})

@@ -29,7 +29,7 @@ class Outcome(enum.StrEnum):
 class CellClass:
     """A class the model can assign, with its clinical meaning.
 
-    ``snomed_code`` / ``snomed_display`` code the cell type (e.g. 30251004 "Lymphoblast"),
+    ``snomed_code`` / ``snomed_display`` code the cell type (see ``model/classes.py``),
     ``is_blast`` says whether the class counts towards the blast percentage.
     """
 

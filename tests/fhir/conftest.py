@@ -59,7 +59,7 @@ class ArrayPixelSource:
 
 
 CLASSES = (
-    CellClass("blast", "Lymphoblast", is_blast=True, snomed_code="30251004", snomed_display="Lymphoblast"),
+    CellClass("blast", "Lymphoblast", is_blast=True, snomed_code="15433008", snomed_display="Lymphoblast"),
     CellClass("lymphocyte", "Lymphocyte", snomed_code="56972008", snomed_display="Lymphocyte"),
     CellClass("neutrophil", "Neutrophil", snomed_code="30451008", snomed_display="Neutrophil"),
 )

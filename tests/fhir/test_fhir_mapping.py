@@ -62,7 +62,7 @@ def test_observations_carry_probability_percentage_method_device(fhir_settings):
     assert pct["interpretation"][0]["coding"][0]["code"] == "A"
     cell = next(o for o in obs if o["code"]["coding"][0]["code"] == "5909-7")
     assert cell["valueCodeableConcept"]["coding"][0] == {
-        "system": "http://snomed.info/sct", "code": "30251004", "display": "Lymphoblast"}
+        "system": "http://snomed.info/sct", "code": "15433008", "display": "Lymphoblast"}
     probs = {c["code"]["coding"][0]["code"]: c["valueQuantity"]["value"] for c in cell["component"]
              if c["code"]["coding"][0]["code"].startswith("probability-")}
     assert probs["probability-blast"] == 90.0
