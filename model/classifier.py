@@ -55,6 +55,8 @@ class CellClassifier:
             self.image_size = int(prep["image_size"])
             self.mean = np.asarray(prep["mean"], dtype=np.float32)
             self.std = np.asarray(prep["std"], dtype=np.float32)
+            # Older model files predate the dihedral average: read as False.
+            self.dihedral_average = bool(prep.get("dihedral_average", False))
             arch = manifest["cnn"]
             config = CNNConfig(
                 n_classes=int(arch["n_classes"]),
@@ -95,7 +97,13 @@ class CellClassifier:
         batch = prepare_batch(images, self.image_size)
         with self._lock, torch.inference_mode():
             maps, soft = extract(
-                self.cnn, batch, self.mean, self.std, self.device, batch_size=self.batch_size
+                self.cnn,
+                batch,
+                self.mean,
+                self.std,
+                self.device,
+                batch_size=self.batch_size,
+                dihedral=self.dihedral_average,
             )
         residuals = self.hosvd.residuals(maps)
         return ClassificationBatch(
@@ -190,6 +198,7 @@ def save_pipeline(
             "mean": [float(v) for v in pipeline.mean],
             "std": [float(v) for v in pipeline.std],
             "input": "RGB uint8",
+            "dihedral_average": pipeline.config.dihedral_average,
         },
         "cnn": {
             "n_classes": len(pipeline.class_names),

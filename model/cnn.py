@@ -190,16 +190,35 @@ def extract(
     std: np.ndarray,
     device: torch.device,
     batch_size: int = 256,
+    dihedral: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Feature maps (n, C, g, g) float32 and softmax-head probabilities (n, classes)."""
+    """Feature maps (n, C, g, g) float32 and softmax-head probabilities (n, classes).
+
+    With ``dihedral`` both are averaged over the 8 flips and 90-degree rotations of each crop
+    (a cell has no preferred orientation); each transform's maps are turned back to the
+    crop's own frame first, so the grid positions stay aligned.
+    """
     model.eval()
     feats: list[np.ndarray] = []
     probs: list[np.ndarray] = []
+    transforms = [(k, f) for k in range(4) for f in (False, True)] if dihedral else [(0, False)]
     for start in range(0, len(images), batch_size):
         x = to_tensor(images[start : start + batch_size], mean, std, device)
-        maps, logits = model.features_and_logits(x)
-        feats.append(maps.float().cpu().numpy())
-        probs.append(torch.softmax(logits, dim=1).float().cpu().numpy())
+        maps_sum: torch.Tensor | None = None
+        prob_sum: torch.Tensor | None = None
+        with torch.inference_mode():
+            for k, flip in transforms:
+                xt = torch.rot90(x, k, dims=(2, 3))
+                xt = xt.flip(3) if flip else xt
+                maps, logits = model.features_and_logits(xt)
+                maps = maps.flip(3) if flip else maps
+                maps = torch.rot90(maps, -k, dims=(2, 3))
+                prob = torch.softmax(logits, dim=1)
+                maps_sum = maps if maps_sum is None else maps_sum + maps
+                prob_sum = prob if prob_sum is None else prob_sum + prob
+        assert maps_sum is not None and prob_sum is not None
+        feats.append((maps_sum / len(transforms)).float().cpu().numpy())
+        probs.append((prob_sum / len(transforms)).float().cpu().numpy())
     if not feats:
         n_cls = model.config.n_classes
         g = model.config.feature_grid

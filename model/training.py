@@ -55,6 +55,10 @@ class TrainingConfig:
     seed: int = 0
     device: str = "auto"
     hosvd_cv: int = 3
+    #: average feature maps and softmax output over the 8 dihedral transforms of each crop:
+    #: +0.8 points on PBC 8 classes (5-fold, docs/model.md) for 8x the inference cost, so off
+    #: by default (the 300 cells/s inference goal); `--dihedral-average` turns it on.
+    dihedral_average: bool = False
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -88,7 +92,14 @@ class FittedPipeline:
 
     def features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Feature maps and softmax-head probabilities of prepared (n, s, s, 3) uint8 images."""
-        return extract(self.cnn, images, self.mean, self.std, self.device)
+        return extract(
+            self.cnn,
+            images,
+            self.mean,
+            self.std,
+            self.device,
+            dihedral=self.config.dihedral_average,
+        )
 
     def predict_heads(self, images: np.ndarray) -> dict[str, HeadOutput]:
         """All three heads on prepared images."""
@@ -166,7 +177,7 @@ def fit_pipeline(
     if bar is not None:
         bar.close()
     t0 = time.perf_counter()
-    maps, _ = extract(cnn, images, mean, std, device)
+    maps, _ = extract(cnn, images, mean, std, device, dihedral=config.dihedral_average)
     t1 = time.perf_counter()
     hosvd = HOSVDClassifier(cv=config.hosvd_cv, random_state=config.seed).fit(maps, y)
     t2 = time.perf_counter()

@@ -69,3 +69,37 @@ def test_training_is_deterministic_for_a_seed() -> None:
         assert torch.equal(a, b), name
     maps, _ = runs[0].features(ds.images)
     assert np.array_equal(runs[0].hosvd.residuals(maps), runs[1].hosvd.residuals(maps))
+
+
+def test_dihedral_average_makes_features_orientation_free(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    from leuk_fhir.model.cnn import extract
+    from leuk_fhir.model.images import prepare_batch
+    from leuk_fhir.model.workflow import train_and_save
+
+    assert not load_classifier(tiny_model, device="cpu").dihedral_average  # off by default
+    assert not load_classifier(device="cpu").dihedral_average  # older file: read as off
+    ds = synthetic_dataset(12, seed=3, image_size=TINY_CONFIG.image_size, cell_size=64)
+    path = tmp_path / "dihedral.lfm"
+    config = dataclasses.replace(TINY_CONFIG, dihedral_average=True)
+    train_and_save(ds, path, config, name="dihedral-test", version="1")
+    clf = load_classifier(path, device="cpu")
+    assert clf.dihedral_average  # the choice travels in the model file
+    rng = np.random.default_rng(3)
+    batch = prepare_batch([generate_cell("blast", rng, 96) for _ in range(4)], clf.image_size)
+    turned = np.ascontiguousarray(np.rot90(batch, 1, axes=(1, 2))[:, :, ::-1])
+
+    def run(images: np.ndarray, dihedral: bool) -> tuple[np.ndarray, np.ndarray]:
+        return extract(clf.cnn, images, clf.mean, clf.std, clf.device, dihedral=dihedral)
+
+    maps, soft = run(batch, True)
+    maps_t, soft_t = run(turned, True)
+    # Maps of the turned crop are the turned maps; the softmax output does not change.
+    expected = np.rot90(maps, 1, axes=(2, 3))[:, :, :, ::-1]
+    assert np.allclose(maps_t, expected, atol=1e-5) and np.allclose(soft_t, soft, atol=1e-6)
+    plain, _ = run(batch, False)
+    plain_t, _ = run(turned, False)
+    assert not np.allclose(plain_t, np.rot90(plain, 1, axes=(2, 3))[:, :, :, ::-1], atol=1e-5)
