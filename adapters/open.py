@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from leuk_fhir.acquisition import Acquisition, Level, Scope, Transport
+from leuk_fhir.acquisition import Acquisition, DicomReference, Level, PixelSource, Scope, Transport
 from leuk_fhir.adapters._pixels import TiledPixelSource
 from leuk_fhir.adapters.dicom_files import (
     DicomFramePixelSource,
@@ -192,13 +192,32 @@ def _open_dicom_file(
     validate_dicom(ds, image_settings, name=path.name, file_size=path.stat().st_size)
     pixels = DicomFramePixelSource(path, ds, image_settings.max_pixels)
     ref = dicom_reference(ds, calling_ae_title)
+    digest = _sha256(path)
+    return _dicom_acquisition(
+        ds, ref, pixels, source_id=ref.sop_instance_uid or digest, filename=path.name,
+        content_sha256=digest, transport=transport, scope=scope,
+    )
+
+
+def _dicom_acquisition(
+    ds: Any,
+    ref: DicomReference,
+    pixels: PixelSource,
+    *,
+    source_id: str,
+    filename: str,
+    transport: Transport,
+    scope: Scope | None,
+    content_sha256: str | None = None,
+) -> Acquisition:
+    """An Acquisition of DICOM pixels, its metadata read from the header ``ds``."""
     return Acquisition(
-        source_id=ref.sop_instance_uid or _sha256(path),
+        source_id=source_id,
         pixels=pixels,
         scope=scope or guess_scope(pixels.levels, pixels.microns_per_pixel, pyramidal=False),
         transport=transport,
-        content_sha256=_sha256(path),
-        filename=path.name,
+        content_sha256=content_sha256,
+        filename=filename,
         media_type="application/dicom",
         acquired_at=acquired_at(ds),
         patient=patient_info(ds),
@@ -306,16 +325,7 @@ def _open_dicom_directory(
     first = headers[0][1]
     ref = dicom_reference(first, calling_ae_title)
     ref = dataclasses.replace(ref, sop_instance_uid=None, series_uid=None)
-    return Acquisition(
-        source_id=ref.study_uid,
-        pixels=pixels,
-        scope=scope or guess_scope(pixels.levels, pixels.microns_per_pixel, pyramidal=False),
-        transport=transport,
-        filename=folder.name,
-        media_type="application/dicom",
-        acquired_at=acquired_at(first),
-        patient=patient_info(first),
-        specimen=specimen_info(first),
-        device=device_info(first),
-        dicom=ref,
+    return _dicom_acquisition(
+        first, ref, pixels, source_id=ref.study_uid, filename=folder.name,
+        transport=transport, scope=scope,
     )

@@ -12,6 +12,7 @@ from leuk_fhir.acquisition import PatientInfo, Scope, Transport
 from leuk_fhir.errors import InputError, LeukFhirError, NotFoundError
 from leuk_fhir.pipeline import AnalysisOrder
 from leuk_fhir.service.auth import allow, current_principal, public
+from leuk_fhir.service.problems import query_limit
 from leuk_fhir.service.runtime import LeukFhirService
 from leuk_fhir.service.store import AnalysisRecord
 
@@ -178,10 +179,7 @@ def submit_analysis() -> tuple[dict[str, Any], int, dict[str, str]]:
 @allow("clinician")
 def list_analyses() -> dict[str, Any]:
     """Newest first; ``?status=`` filters, ``?before=<created_at>`` pages."""
-    try:
-        limit = min(max(int(request.args.get("limit", 50)), 1), 500)
-    except ValueError as exc:
-        raise InputError("limit must be an integer") from exc
+    limit = query_limit(50, 500)
     records = service().store.list_analyses(
         status=request.args.get("status") or None, limit=limit,
         before=request.args.get("before") or None,

@@ -10,6 +10,7 @@ from flask import Blueprint, current_app, request
 from leuk_fhir.delivery import DeliveryStatus
 from leuk_fhir.errors import InputError, NotFoundError
 from leuk_fhir.service.auth import allow
+from leuk_fhir.service.problems import query_limit
 
 bp = Blueprint("deliveries", __name__, url_prefix="/v1")
 
@@ -30,10 +31,7 @@ def delivery_json(entry: Any) -> dict[str, Any]:
 @allow("clinician")
 def list_deliveries() -> dict[str, Any]:
     """Newest first; ``?state=`` filters (e.g. ``dead`` for dead letters)."""
-    try:
-        limit = min(max(int(request.args.get("limit", 100)), 1), 1000)
-    except ValueError as exc:
-        raise InputError("limit must be an integer") from exc
+    limit = query_limit(100, 1000)
     outbox = current_app.extensions["leuk_fhir"].outbox
     status = request.args.get("state") or request.args.get("status") or None
     if status is not None and status not in {s.value for s in DeliveryStatus}:

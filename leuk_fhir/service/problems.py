@@ -14,7 +14,7 @@ from typing import Any
 from flask import Flask, Response, json, request
 from werkzeug.exceptions import HTTPException
 
-from leuk_fhir.errors import LeukFhirError, QueueFullError, RateLimitedError
+from leuk_fhir.errors import InputError, LeukFhirError, QueueFullError, RateLimitedError
 
 log = logging.getLogger(__name__)
 
@@ -100,3 +100,11 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(LeukFhirError, _from_leuk_error)
     app.register_error_handler(HTTPException, _from_http_error)
     app.register_error_handler(Exception, _from_unexpected)
+
+
+def query_limit(default: int, maximum: int) -> int:
+    """The ``?limit=`` of a list endpoint, clamped to 1..maximum; not an integer is a 400."""
+    try:
+        return min(max(int(request.args.get("limit", default)), 1), maximum)
+    except ValueError as exc:
+        raise InputError("limit must be an integer") from exc
