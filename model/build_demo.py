@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         config,
         name="leuk-fhir-demo",
-        version="0.1.0-demo",
+        version="0.2.0-demo",
         is_demo=True,
         cv_folds=args.folds,
         progress=True,

@@ -61,12 +61,14 @@ class CellClassifier:
             config = CNNConfig(
                 n_classes=int(arch["n_classes"]),
                 widths=tuple(arch["widths"]),
+                # Model files written before stage depths existed have one conv per stage.
+                stage_depths=tuple(arch.get("stage_depths", [1] * len(arch["widths"]))),
                 feature_grid=int(arch["feature_grid"]),
             )
             self.cnn = CellCNN(config)
             state = {k: torch.from_numpy(np.array(v)) for k, v in artifact.cnn_state.items()}
             self.cnn.load_state_dict(state, strict=True)
-            self.cnn.to(self.device).eval()
+            self.cnn.to(self.device).to(memory_format=torch.channels_last).eval()
             self.hosvd = HOSVDClassifier.from_state(manifest["hosvd"], artifact.hosvd_arrays)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ModelArtifactError(
@@ -203,6 +205,7 @@ def save_pipeline(
         "cnn": {
             "n_classes": len(pipeline.class_names),
             "widths": list(pipeline.config.widths),
+            "stage_depths": list(pipeline.config.stage_depths),
             "feature_grid": pipeline.config.feature_grid,
         },
         "hosvd": hosvd_meta,

@@ -97,6 +97,7 @@ def cross_validate(
             "train_images": int(len(train)),
             "test_images": int(len(test)),
             "epochs": pipeline.history.epochs,
+            "precision": pipeline.history.precision,
             "seconds_train": round(t1 - t0, 2),
             "seconds_test": round(t2 - t1, 2),
             "seconds_parts": {k: round(v, 2) for k, v in pipeline.seconds.items()},

@@ -61,7 +61,8 @@ def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
         "## Method",
         f"- Input: RGB crop padded to a square, resized to {prep['image_size']}x{prep['image_size']} px, "
         "normalised per channel.",
-        f"- CNN: {len(manifest['cnn']['widths'])} conv-BN-ReLU stages, widths {manifest['cnn']['widths']}; "
+        f"- CNN: {len(manifest['cnn']['widths'])} stages of conv-BN-ReLU, widths {manifest['cnn']['widths']}, "
+        f"convolutions per stage {manifest['cnn'].get('stage_depths', [1] * len(manifest['cnn']['widths']))}; "
         f"last feature maps pooled to {manifest['cnn']['feature_grid']}x{manifest['cnn']['feature_grid']}; "
         "trained with flips, 90-degree rotations, shifts and stain/colour jitter.",
         f"- HOSVD classifier (Savas & Elden 2007): per class HOSVD of the channels x positions x samples "
@@ -76,7 +77,8 @@ def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
     config = training.get("config")
     if config:
         lines.append(
-            f"- Training: {training.get('history', {}).get('epochs', config.get('epochs'))} epochs, batch {config.get('batch_size')}, seed {config.get('seed')}."
+            f"- Training: {training.get('history', {}).get('epochs', config.get('epochs'))} epochs, batch {config.get('batch_size')}, seed {config.get('seed')}, "
+            f"{training.get('history', {}).get('precision', 'float32')} arithmetic."
         )
     evaluation = manifest.get("evaluation")
     lines += ["", "## Measured performance", ""]

@@ -28,8 +28,11 @@ from leuk_fhir.model.hosvd import HOSVDClassifier
 log = logging.getLogger(__name__)
 
 HEADS = ("hosvd", "softmax", "svm")
-DEFAULT_EPOCHS = 15
-MIN_STEPS = 400
+#: Auto epochs aim at this many optimiser steps, within [MIN_EPOCHS, MAX_EPOCHS]: 40 epochs
+#: for a 3,200-image training fold, 12 for 10,000+ images, 200 for a 260-image set.
+TARGET_STEPS = 2000
+MIN_EPOCHS = 12
+MAX_EPOCHS = 200
 
 
 def resolve_epochs(epochs: int, n_images: int, batch_size: int) -> int:
@@ -37,7 +40,7 @@ def resolve_epochs(epochs: int, n_images: int, batch_size: int) -> int:
     if epochs > 0:
         return epochs
     steps_per_epoch = max(1, -(-n_images // batch_size))
-    return max(DEFAULT_EPOCHS, -(-MIN_STEPS // steps_per_epoch))
+    return min(MAX_EPOCHS, max(MIN_EPOCHS, -(-TARGET_STEPS // steps_per_epoch)))
 
 
 @dataclass(frozen=True)
@@ -45,24 +48,29 @@ class TrainingConfig:
     """Everything that defines a training run (stored in the model artifact)."""
 
     image_size: int = 64
-    #: 0 = auto: 15 epochs, or more on small datasets so training takes at least
-    #: ``MIN_STEPS`` optimiser steps (a 300-image set gets about 100 epochs).
+    #: 0 = auto: about ``TARGET_STEPS`` optimiser steps (more epochs for small datasets, fewer
+    #: for large ones; 40 for a PBC training fold), see :func:`resolve_epochs`.
     epochs: int = 0
     batch_size: int = 64
     learning_rate: float = 4e-3
-    widths: tuple[int, ...] = (16, 32, 64, 96)
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    stage_depths: tuple[int, ...] = (1, 2, 2, 2)
     feature_grid: int = 4
     seed: int = 0
     device: str = "auto"
+    #: training arithmetic: auto (bfloat16 where the hardware has native support), bf16, fp32
+    precision: str = "auto"
     hosvd_cv: int = 3
     #: average feature maps and softmax output over the 8 dihedral transforms of each crop:
-    #: +0.8 points on PBC 8 classes (5-fold, docs/model.md) for 8x the inference cost, so off
-    #: by default (the 300 cells/s inference goal); `--dihedral-average` turns it on.
+    #: +0.3 (HOSVD) to +0.6 (SVM) points on PBC 8 classes (5-fold, docs/model.md) for 8x the
+    #: inference cost, so off by default (the 300 cells/s inference goal);
+    #: `--dihedral-average` turns it on.
     dihedral_average: bool = False
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["widths"] = list(self.widths)
+        d["stage_depths"] = list(self.stage_depths)
         return d
 
 
@@ -147,7 +155,10 @@ def fit_pipeline(
     device = resolve_device(config.device)
     mean, std = channel_statistics(images)
     cnn_config = CNNConfig(
-        n_classes=len(class_names), widths=config.widths, feature_grid=config.feature_grid
+        n_classes=len(class_names),
+        widths=config.widths,
+        stage_depths=config.stage_depths,
+        feature_grid=config.feature_grid,
     )
     epochs = resolve_epochs(config.epochs, len(images), config.batch_size)
     bar = None
@@ -173,6 +184,7 @@ def fit_pipeline(
         batch_size=config.batch_size,
         learning_rate=config.learning_rate,
         progress=callback,
+        precision=config.precision,
     )
     if bar is not None:
         bar.close()

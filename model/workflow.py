@@ -78,6 +78,7 @@ def train_and_save(
             "train_loss": list(pipeline.history.train_loss),
             "train_accuracy": list(pipeline.history.train_accuracy),
             "seconds": pipeline.history.seconds,
+            "precision": pipeline.history.precision,
         },
     }
     sha = save_pipeline(

@@ -22,7 +22,8 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
         "--epochs",
         type=int,
         default=_DEFAULTS["epochs"],
-        help="CNN training epochs (default: auto, 15 or more so small datasets get >= 400 steps)",
+        help="CNN training epochs (default: auto, about 2000 optimiser steps: 40 epochs for "
+        "3,200 images, between 12 and 200)",
     )
     parser.add_argument(
         "--image-size",
@@ -40,9 +41,16 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=None, help="torch device: auto (default), cpu, cuda")
     parser.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="training arithmetic: auto (default) is bfloat16 where the CPU/GPU has native "
+        "support (about 2x faster), else float32",
+    )
+    parser.add_argument(
         "--dihedral-average",
         action="store_true",
-        help="average CNN features over the 8 flips/rotations of each cell (about +0.8 points "
+        help="average CNN features over the 8 flips/rotations of each cell (+0.3 to +0.6 points "
         "on PBC, 8x slower inference; stored in the model file)",
     )
 
@@ -125,6 +133,7 @@ def _config(args: argparse.Namespace, settings_device: str) -> TrainingConfig:
         epochs=args.epochs,
         seed=args.seed,
         device=args.device or settings_device,
+        precision=args.precision,
         dihedral_average=args.dihedral_average,
     )
 

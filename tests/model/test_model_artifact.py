@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import zipfile
@@ -136,3 +137,28 @@ def test_bundled_demo_model_is_small_and_loudly_a_demo() -> None:
     assert clf.info.cell_class("blast").is_blast
     findings = clf.classify([generate_cell("blast", 7), generate_cell("normal", 8)])
     assert [f.label for f in findings] == ["blast", "normal"]
+
+
+def test_files_from_before_stage_depths_load_as_one_conv_per_stage(tmp_path: Path) -> None:
+    """Model files written before ``stage_depths`` existed (the demo model of release 0.1)
+    have no such key and one convolution per stage; they must keep loading unchanged."""
+    from leuk_fhir.model.workflow import synthetic_dataset, train_and_save
+
+    from .conftest import TINY_CONFIG
+
+    config = dataclasses.replace(TINY_CONFIG, stage_depths=(1, 1, 1, 1))
+    dataset = synthetic_dataset(20, seed=3, image_size=config.image_size, cell_size=96)
+    model = tmp_path / "flat.lfm"
+    train_and_save(dataset, model, config)
+    cells = [generate_cell(k, 50 + i, 96) for i, k in enumerate(["blast", "normal"] * 3)]
+    expected = load_classifier(model, device="cpu").run(cells).residuals
+
+    def drop_depths(name: str, data: bytes) -> bytes:
+        if name == "manifest.json":
+            manifest = json.loads(data)
+            del manifest["cnn"]["stage_depths"]
+            return json.dumps(manifest).encode()
+        return data
+
+    old = load_classifier(_rewrite(model, tmp_path / "old.lfm", drop_depths), device="cpu")
+    assert np.array_equal(old.run(cells).residuals, expected)

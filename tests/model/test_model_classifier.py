@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from leuk_fhir.findings import INDETERMINATE, CellFinding
@@ -103,3 +104,34 @@ def test_dihedral_average_makes_features_orientation_free(
     plain, _ = run(batch, False)
     plain_t, _ = run(turned, False)
     assert not np.allclose(plain_t, np.rot90(plain, 1, axes=(2, 3))[:, :, :, ::-1], atol=1e-5)
+
+
+def test_auto_epochs_aim_at_a_fixed_number_of_steps() -> None:
+    from leuk_fhir.model.training import MAX_EPOCHS, MIN_EPOCHS, resolve_epochs
+
+    assert resolve_epochs(7, 3200, 64) == 7  # an explicit value wins
+    assert resolve_epochs(0, 3200, 64) == 40  # a PBC training fold
+    assert resolve_epochs(0, 100_000, 64) == MIN_EPOCHS
+    assert resolve_epochs(0, 208, 64) == MAX_EPOCHS  # an ALL-IDB2 training fold
+
+
+def test_stage_depths_must_match_the_stages() -> None:
+    from leuk_fhir.model.cnn import CellCNN, CNNConfig
+
+    with pytest.raises(ValueError, match="stage_depths"):
+        CNNConfig(n_classes=2, widths=(8, 16), stage_depths=(1, 2, 2))
+    with pytest.raises(ValueError, match="stage_depths"):
+        CNNConfig(n_classes=2, widths=(8, 16), stage_depths=(1, 0))
+    net = CellCNN(CNNConfig(n_classes=2, widths=(8, 16), stage_depths=(1, 3)))
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == 4
+
+
+def test_training_precision_is_resolved_from_the_hardware() -> None:
+    from leuk_fhir.model.cnn import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == torch.float32
+    assert resolve_precision("bf16", cpu) == torch.bfloat16
+    assert resolve_precision("auto", cpu) in (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp8", cpu)

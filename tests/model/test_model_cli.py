@@ -26,11 +26,21 @@ def trained(synthetic_folder: Path, tmp_path_factory: pytest.TempPathFactory) ->
                 "32",
                 "--seed",
                 "1",
+                "--precision",
+                "fp32",
             ]
         )
         == 0
     )
     return out
+
+
+def test_train_records_the_precision_it_used(trained: Path) -> None:
+    from leuk_fhir.model.artifact import read_artifact
+
+    manifest = read_artifact(trained).manifest
+    assert manifest["training"]["config"]["precision"] == "fp32"
+    assert manifest["training"]["history"]["precision"] == "float32"
 
 
 def test_train_then_predict_json(
