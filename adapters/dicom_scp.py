@@ -138,7 +138,13 @@ class CStoreReceiver:
         )
 
     def stop(self) -> None:
+        """Stop listening. Associations still open are aborted first: the server's close
+        waits for their threads, so a peer that never releases (a hung scanner) would
+        otherwise hold shutdown for the whole network timeout. Files already received are
+        in the spool; an aborted sender retries."""
         if self._server is not None:
+            for assoc in list(self._server.active_associations):
+                assoc.abort()
             self._server.shutdown()
             self._server = None
         self._stop.set()

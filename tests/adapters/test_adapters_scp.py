@@ -87,6 +87,25 @@ def test_store_spools_durably_then_calls_back(receiver, tmp_path: Path) -> None:
     assert rx.stats["stored"] == 1
 
 
+def test_stop_does_not_wait_for_a_peer_that_never_releases(tmp_path: Path) -> None:
+    import time
+
+    rx = CStoreReceiver(DicomSettings(port=0), tmp_path, Received())
+    rx.start()
+    ae = AE(ae_title="SCOPE1")
+    ae.add_requested_context(VERIFICATION)
+    ae.network_timeout = 120
+    assoc = ae.associate("127.0.0.1", rx.port, ae_title="LEUKFHIR")
+    assert assoc.is_established and assoc.send_c_echo().Status == 0
+    start = time.monotonic()
+    rx.stop()  # the association is still open
+    assert time.monotonic() - start < 10
+    deadline = time.monotonic() + 10
+    while assoc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted
+
+
 def test_unknown_calling_ae_title_is_rejected(receiver) -> None:
     rx, got = receiver
     ae = AE(ae_title="INTRUDER")
