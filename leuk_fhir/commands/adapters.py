@@ -212,6 +212,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _dicom_listen(args: argparse.Namespace) -> int:
     from leuk_fhir.adapters.dicom_scp import CStoreReceiver
+    from leuk_fhir.commands import interrupt_on_stop_signals
     from leuk_fhir.settings import load_settings
 
     settings = load_settings(args.config)
@@ -253,6 +254,7 @@ def _dicom_listen(args: argparse.Namespace) -> int:
             print(json.dumps(line), flush=True)
 
     rx = CStoreReceiver(dicom, spool, on_instance, image_settings=settings.image)
+    interrupt_on_stop_signals()
     rx.start()
     print(
         f"leuk-fhir: DICOM C-STORE SCP {dicom.ae_title} on {dicom.host}:{rx.port}, spooling to {spool}",

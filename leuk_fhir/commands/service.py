@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -91,6 +90,7 @@ def _is_loopback(host: str) -> bool:
 def _serve(args: argparse.Namespace) -> int:
     import waitress
 
+    from leuk_fhir.commands import interrupt_on_stop_signals
     from leuk_fhir.errors import ConfigurationError
     from leuk_fhir.service import create_app
 
@@ -124,10 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
           f"{settings.fhir.base_url or 'none (reports stay in the outbox)'}; authentication "
           f"{'required' if service_settings.require_auth else 'OFF (loopback demo)'}", flush=True)
 
-    def _terminate(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _terminate)
+    interrupt_on_stop_signals()
     try:
         server.run()
     except KeyboardInterrupt:
