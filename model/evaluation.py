@@ -87,8 +87,8 @@ def cross_validate(
             description=f"fold {i + 1}/{len(splits)} CNN",
         )
         t1 = time.perf_counter()
-        heads = pipeline.predict_heads(dataset.images[test])
-        maps, _ = pipeline.features(dataset.images[test])
+        maps, soft = pipeline.features(dataset.images[test])
+        heads = pipeline.heads_from_features(maps, soft)
         flags = pipeline.hosvd.is_out_of_distribution(maps)
         ood_flags.append(flags)
         t2 = time.perf_counter()

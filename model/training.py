@@ -111,7 +111,10 @@ class FittedPipeline:
 
     def predict_heads(self, images: np.ndarray) -> dict[str, HeadOutput]:
         """All three heads on prepared images."""
-        maps, soft = self.features(images)
+        return self.heads_from_features(*self.features(images))
+
+    def heads_from_features(self, maps: np.ndarray, soft: np.ndarray) -> dict[str, HeadOutput]:
+        """All three heads on :meth:`features` output (extract once, score every head)."""
         proba = self.hosvd.predict_proba(maps)
         out = {
             "hosvd": HeadOutput(proba.argmax(1), proba),
