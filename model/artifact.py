@@ -148,3 +148,9 @@ def read_artifact(source: Path | bytes, where: str | None = None) -> ModelArtifa
 
 def class_records(classes: tuple[CellClass, ...]) -> list[dict[str, Any]]:
     return [asdict(c) for c in classes]
+
+
+def stage_depths_of(cnn_manifest: dict[str, Any]) -> tuple[int, ...]:
+    """Convolutions per stage recorded in a model file's ``cnn`` section; files written
+    before stage depths existed have one convolution per stage."""
+    return tuple(cnn_manifest.get("stage_depths", [1] * len(cnn_manifest["widths"])))

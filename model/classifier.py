@@ -22,7 +22,13 @@ import torch
 
 from leuk_fhir.errors import ModelArtifactError
 from leuk_fhir.findings import INDETERMINATE, CellClass, CellFinding, ModelInfo
-from leuk_fhir.model.artifact import ModelArtifact, class_records, read_artifact, write_artifact
+from leuk_fhir.model.artifact import (
+    ModelArtifact,
+    class_records,
+    read_artifact,
+    stage_depths_of,
+    write_artifact,
+)
 from leuk_fhir.model.classes import cell_class_for
 from leuk_fhir.model.cnn import CellCNN, CNNConfig, extract, resolve_device
 from leuk_fhir.model.hosvd import HOSVDClassifier, feature_norms
@@ -61,8 +67,7 @@ class CellClassifier:
             config = CNNConfig(
                 n_classes=int(arch["n_classes"]),
                 widths=tuple(arch["widths"]),
-                # Model files written before stage depths existed have one conv per stage.
-                stage_depths=tuple(arch.get("stage_depths", [1] * len(arch["widths"]))),
+                stage_depths=stage_depths_of(arch),
                 feature_grid=int(arch["feature_grid"]),
             )
             self.cnn = CellCNN(config)

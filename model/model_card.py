@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from leuk_fhir.model.artifact import stage_depths_of
+
 DEMO_WARNING = (
     "> **DEMO MODEL - NOT FOR CLINICAL USE.** Trained only on procedurally generated synthetic "
     "cells. Its figures say nothing about real blood smears. Train your own model on licensed, "
@@ -62,7 +64,7 @@ def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
         f"- Input: RGB crop padded to a square, resized to {prep['image_size']}x{prep['image_size']} px, "
         "normalised per channel.",
         f"- CNN: {len(manifest['cnn']['widths'])} stages of conv-BN-ReLU, widths {manifest['cnn']['widths']}, "
-        f"convolutions per stage {manifest['cnn'].get('stage_depths', [1] * len(manifest['cnn']['widths']))}; "
+        f"convolutions per stage {list(stage_depths_of(manifest['cnn']))}; "
         f"last feature maps pooled to {manifest['cnn']['feature_grid']}x{manifest['cnn']['feature_grid']}; "
         "trained with flips, 90-degree rotations, shifts and stain/colour jitter.",
         f"- HOSVD classifier (Savas & Elden 2007): per class HOSVD of the channels x positions x samples "
