@@ -1,0 +1,207 @@
+"""Training-recipe sweep: named TrainingConfig variants x the 5 folds of ``evaluate``, in parallel.
+
+Each job is one fold of one variant, run through the library's own ``fit_pipeline`` with the
+same deterministic splits and per-fold seeds as ``leuk-fhir evaluate``, so a variant's mean is
+what ``evaluate`` would report for it. Jobs run in worker processes (sharing a GPU when there
+is one); results stream to a JSON-lines file; ``--deadline`` stops starting new jobs so the
+sweep fits a fixed time (a GPU lease). Prints a mean +- std table per variant at the end.
+
+Data: a folder (as ``evaluate`` reads it, at each variant's image size), or per image size an
+``.npz`` of prepared crops (``images``, ``labels``; or ``data``/``lens``/``labels`` holding
+encoded crops), which is how the sweep travelled to a lent GPU (docs/model.md).
+
+Usage (on the 2-core CPU one variant's five folds take about 15 minutes per 40 epochs):
+    .venv/bin/python benchmarks/model_recipe_sweep.py --out benchmarks/results/sweep.jsonl \\
+        --only base,e80 [--prepared 64=pbc64.npz] [--workers 7 --deadline 420]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+PBC = REPO.parent / "shared" / "datasets" / "pbc"
+
+#: name -> (task, image size, TrainingConfig overrides), in priority order.
+VARIANTS: dict[str, tuple[str, int, dict[str, Any]]] = {
+    "base": ("8class", 64, {}),
+    "e80": ("8class", 64, {"epochs": 80}),
+    "e160": ("8class", 64, {"epochs": 160}),
+    "s96-e80": ("8class", 96, {"image_size": 96, "epochs": 80}),
+    "wide-e80": ("8class", 64, {"epochs": 80, "widths": (24, 48, 96, 192)}),
+    "bs128-e80": ("8class", 64, {"epochs": 80, "batch_size": 128, "learning_rate": 6e-3}),
+    "binary-base": ("binary", 64, {}),
+    "binary-e80": ("binary", 64, {"epochs": 80}),
+}
+
+_CACHE: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _load(source: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    if (source, size) not in _CACHE:
+        path = Path(source)
+        if path.suffix == ".npz":
+            with np.load(path) as data:
+                labels = data["labels"]
+                if "images" in data:
+                    images = data["images"]
+                else:
+                    from PIL import Image
+
+                    ends = np.cumsum(data["lens"])
+                    blob = data["data"]
+                    images = np.stack(
+                        [
+                            np.asarray(
+                                Image.open(io.BytesIO(blob[e - n : e].tobytes())).convert("RGB")
+                            )
+                            for e, n in zip(ends, data["lens"], strict=True)
+                        ]
+                    )
+        else:
+            from leuk_fhir.model.dataset import load_dataset
+
+            dataset = load_dataset(path, size, max_pixels=64_000_000)
+            images, labels = dataset.images, dataset.labels
+        _CACHE[source, size] = (images, labels)
+    return _CACHE[source, size]
+
+
+def run_job(name: str, fold: int, source: str, threads: int) -> dict[str, Any]:
+    """One fold of one variant; returns accuracies and timings."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from leuk_fhir.model.dataset import stratified_folds
+    from leuk_fhir.model.training import TrainingConfig, fit_pipeline
+
+    task, size, overrides = VARIANTS[name]
+    images, labels = _load(source, size)
+    if task == "binary":
+        labels = np.where(labels == "lymphocyte", "lymphocyte", "other")
+    class_names, y = np.unique(labels, return_inverse=True)
+    train, test = stratified_folds(labels, 5, seed=0)[fold]
+    config = replace(TrainingConfig(**overrides), seed=fold)
+    start = time.perf_counter()
+    pipeline = fit_pipeline(images[train], y[train], tuple(class_names), config)
+    heads = pipeline.predict_heads(images[test])
+    per_class = {}
+    out = heads["hosvd"].predicted
+    for k, cls in enumerate(class_names):
+        mask = y[test] == k
+        per_class[str(cls)] = float(np.mean(out[mask] == k))
+    return {
+        "variant": name,
+        "fold": fold + 1,
+        "task": task,
+        "accuracy": {h: float(np.mean(o.predicted == y[test])) for h, o in heads.items()},
+        "hosvd_sensitivity": per_class,
+        "hosvd": [
+            pipeline.hosvd.channel_rank_,
+            pipeline.hosvd.position_rank_,
+            pipeline.hosvd.n_basis_,
+            pipeline.hosvd.n_subspaces_,
+        ],
+        "epochs": pipeline.history.epochs,
+        "precision": pipeline.history.precision,
+        "device": str(pipeline.device),
+        "seconds": {k: round(v, 1) for k, v in pipeline.seconds.items()},
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+
+
+def summarise(records: list[dict[str, Any]]) -> str:
+    lines = ["variant            folds  hosvd          softmax        svm            cnn s/fold"]
+    for name in VARIANTS:
+        rows = [r for r in records if r["variant"] == name]
+        if not rows:
+            continue
+        cells = []
+        for head in ("hosvd", "softmax", "svm"):
+            acc = np.array([r["accuracy"][head] for r in rows]) * 100
+            cells.append(f"{acc.mean():6.2f} +-{acc.std():4.2f}")
+        cnn = np.mean([r["seconds"]["cnn"] for r in rows])
+        lines.append(f"{name:18s} {len(rows):5d}  " + "  ".join(cells) + f"  {cnn:8.1f}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(PBC), help="class-folder tree (default: PBC)")
+    parser.add_argument(
+        "--prepared",
+        action="append",
+        default=[],
+        metavar="SIZE=NPZ",
+        help="prepared crops of one image size, used instead of decoding --data",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="JSON-lines results file")
+    parser.add_argument("--only", default="", help="comma-separated variant names")
+    parser.add_argument(
+        "--folds",
+        default="1,2,3/4,5",
+        help="folds to run, in passes separated by '/': every variant gets the first pass's "
+        "folds before any gets the next (so a deadline leaves paired comparisons)",
+    )
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per worker")
+    parser.add_argument("--deadline", type=float, default=0, help="seconds; 0 = none")
+    args = parser.parse_args()
+    names = [n for n in (args.only.split(",") if args.only else VARIANTS) if n]
+    prepared = dict(item.split("=", 1) for item in args.prepared)
+    jobs = []
+    for folds in args.folds.split("/"):
+        for name in names:
+            source = prepared.get(str(VARIANTS[name][1]), args.data)
+            jobs += [(name, int(fold) - 1, source) for fold in folds.split(",")]
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    start = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        args.out.open("a") as sink,
+        ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool,
+    ):
+        pending: set[Future[dict[str, Any]]] = set()
+        queue = list(jobs)
+        while queue or pending:
+            while queue and len(pending) < args.workers:
+                if args.deadline and time.perf_counter() - start > args.deadline:
+                    queue.clear()
+                    break
+                pending.add(pool.submit(run_job, *queue.pop(0), args.threads))
+            if not pending:
+                break
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                try:
+                    record = future.result()
+                except Exception as error:  # report and go on: one bad variant ends nothing
+                    print(f"job failed: {error!r}", flush=True)
+                    continue
+                records.append(record)
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+                print(
+                    f"[{time.perf_counter() - start:6.0f}s] {record['variant']} fold "
+                    f"{record['fold']}: {record['accuracy']} {record['seconds']}",
+                    flush=True,
+                )
+    print(summarise(records), flush=True)
+    print(f"sweep wall {time.perf_counter() - start:.0f}s, {len(records)}/{len(jobs)} jobs")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
