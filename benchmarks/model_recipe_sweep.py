@@ -84,6 +84,7 @@ def run_job(name: str, fold: int, source: str, threads: int) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     from leuk_fhir.model.dataset import stratified_folds
+    from leuk_fhir.model.evaluation import per_class_metrics
     from leuk_fhir.model.training import TrainingConfig, fit_pipeline
 
     task, size, overrides = VARIANTS[name]
@@ -96,17 +97,16 @@ def run_job(name: str, fold: int, source: str, threads: int) -> dict[str, Any]:
     start = time.perf_counter()
     pipeline = fit_pipeline(images[train], y[train], tuple(class_names), config)
     heads = pipeline.predict_heads(images[test])
-    per_class = {}
-    out = heads["hosvd"].predicted
-    for k, cls in enumerate(class_names):
-        mask = y[test] == k
-        per_class[str(cls)] = float(np.mean(out[mask] == k))
+    hosvd = heads["hosvd"]
+    sensitivity = per_class_metrics(y[test], hosvd.predicted, hosvd.scores, len(class_names))[
+        "sensitivity"
+    ]
     return {
         "variant": name,
         "fold": fold + 1,
         "task": task,
         "accuracy": {h: float(np.mean(o.predicted == y[test])) for h, o in heads.items()},
-        "hosvd_sensitivity": per_class,
+        "hosvd_sensitivity": dict(zip(map(str, class_names), sensitivity, strict=True)),
         "hosvd": [
             pipeline.hosvd.channel_rank_,
             pipeline.hosvd.position_rank_,
