@@ -37,6 +37,9 @@ def main() -> int:
     parser.add_argument("--depths", type=_ints, default=TrainingConfig.stage_depths)
     parser.add_argument("--image-size", type=int, default=TrainingConfig.image_size)
     parser.add_argument("--epochs", type=int, default=0, help="0: auto")
+    parser.add_argument(
+        "--feature-stages", type=int, default=1, help="last N stages' maps feed the heads"
+    )
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--fold", type=int, default=1, help="test fold, 1-5")
     parser.add_argument("--binary", action="store_true", help="lymphocyte vs the rest")
@@ -56,6 +59,7 @@ def main() -> int:
         stage_depths=args.depths,
         precision=args.precision,
         seed=args.seed,
+        feature_stages=args.feature_stages,
     )
     start = time.perf_counter()
     pipeline = fit_pipeline(data.images[train], data.y[train], data.class_names, config)
@@ -64,6 +68,7 @@ def main() -> int:
     result = {
         "widths": list(args.widths),
         "stage_depths": list(args.depths),
+        "feature_stages": args.feature_stages,
         "image_size": args.image_size,
         "epochs": pipeline.history.epochs,
         "precision": pipeline.history.precision,

@@ -25,6 +25,14 @@ REPO = Path(__file__).resolve().parent.parent
 PBC = REPO.parent / "shared" / "datasets" / "pbc"
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the fold workers)."""
+    return sum(
+        usage.ru_utime + usage.ru_stime
+        for usage in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--binary", action="store_true", help="lymphocyte vs the rest")
@@ -40,12 +48,11 @@ def main() -> int:
     if args.binary:
         argv += ["--binary-positive", "lymphocyte"]
     load_before = os.getloadavg()
-    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = _cpu_seconds()
     start = time.perf_counter()
     code = cli_main(argv)
     wall = time.perf_counter() - start
-    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    cpu = _cpu_seconds() - cpu0
     if code != 0:
         return code
     report = json.loads((out / "report.json").read_text())
@@ -62,6 +69,10 @@ def main() -> int:
     print(
         "HOSVD selections per fold:",
         [(s["channel_rank"], s["position_rank"], s["n_basis"], s["n_subspaces"]) for s in sel],
+    )
+    plan = report.get("parallel", {})
+    print(
+        f"folds at a time: {plan.get('workers', 1)}, threads each: {plan.get('threads') or 'all'}"
     )
     print(
         f"wall time {wall / 60:.1f} min; CPU time {cpu / 60:.1f} min "

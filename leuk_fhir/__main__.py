@@ -2,4 +2,6 @@ import sys
 
 from leuk_fhir.cli import main
 
-sys.exit(main())
+# Guarded: worker processes (``evaluate`` runs folds in parallel) import this module again.
+if __name__ == "__main__":
+    sys.exit(main())

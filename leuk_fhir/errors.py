@@ -166,3 +166,12 @@ class QueueFullError(LeukFhirError):
     def __init__(self, message: str, *, retry_after_s: int = 5, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.retry_after_s = retry_after_s
+
+
+class ResourceExhaustedError(LeukFhirError):
+    """A job ran out of a machine resource (a worker process killed for memory)."""
+
+    code = "resource-exhausted"
+    http_status = 503
+    dicom_status = 0xA700
+    exit_code = 6

@@ -69,6 +69,8 @@ class CellClassifier:
                 widths=tuple(arch["widths"]),
                 stage_depths=stage_depths_of(arch),
                 feature_grid=int(arch["feature_grid"]),
+                # Older model files predate stacked stages: the last stage's maps only.
+                feature_stages=int(arch.get("feature_stages", 1)),
             )
             self.cnn = CellCNN(config)
             state = {k: torch.from_numpy(np.array(v)) for k, v in artifact.cnn_state.items()}
@@ -212,6 +214,7 @@ def save_pipeline(
             "widths": list(pipeline.config.widths),
             "stage_depths": list(pipeline.config.stage_depths),
             "feature_grid": pipeline.config.feature_grid,
+            "feature_stages": pipeline.config.feature_stages,
         },
         "hosvd": hosvd_meta,
         "training": training,

@@ -1,8 +1,9 @@
 """A compact CNN for single-cell crops, trained with augmentation suited to stained smears.
 
 Four stages of conv-BN-ReLU layers (``stage_depths`` convolutions each; all but the last stage
-followed by 2x2 max pooling) turn an RGB crop into ``widths[-1]`` feature maps; those maps,
-average-pooled to a ``feature_grid x feature_grid`` grid, are what the HOSVD classifier sees.
+followed by 2x2 max pooling) turn an RGB crop into feature maps. The maps of the last
+``feature_stages`` stages, each average-pooled to a ``feature_grid x feature_grid`` grid, scaled
+to equal energy and stacked along channels, are what the HOSVD classifier sees.
 A global-average-pool + linear "softmax head" is trained with the features and serves as the
 CNN's own baseline. Training runs in channels-last layout and, where the processor has native
 bfloat16 matrix units (or on a GPU), under bfloat16 autocast; feature extraction is float32.
@@ -30,6 +31,9 @@ class CNNConfig:
     stage_depths: tuple[int, ...] = (1, 2, 2, 2)
     feature_grid: int = 4
     dropout: float = 0.2
+    #: how many of the last stages feed the feature maps (their maps pooled to the grid and
+    #: stacked along channels); model files written before this field existed use the last one.
+    feature_stages: int = 1
 
     def __post_init__(self) -> None:
         if len(self.stage_depths) != len(self.widths) or min(self.stage_depths) < 1:
@@ -37,6 +41,16 @@ class CNNConfig:
                 f"stage_depths {self.stage_depths} must give at least one convolution for each "
                 f"of the {len(self.widths)} stages"
             )
+        if not 1 <= self.feature_stages <= len(self.widths):
+            raise ValueError(
+                f"feature_stages must be between 1 and the {len(self.widths)} stages, "
+                f"not {self.feature_stages}"
+            )
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels of the stacked feature maps."""
+        return sum(self.widths[-self.feature_stages :])
 
 
 class CellCNN(nn.Module):
@@ -47,6 +61,8 @@ class CellCNN(nn.Module):
         self.config = config
         layers: list[nn.Module] = []
         previous = 3
+        #: index in ``body`` just past each stage's last ReLU (where its maps are complete)
+        self._stage_ends: list[int] = []
         for i, (width, depth) in enumerate(zip(config.widths, config.stage_depths, strict=True)):
             for _ in range(depth):
                 layers += [
@@ -55,23 +71,68 @@ class CellCNN(nn.Module):
                     nn.ReLU(inplace=True),
                 ]
                 previous = width
+            self._stage_ends.append(len(layers))
             if i < len(config.widths) - 1:
                 layers.append(nn.MaxPool2d(2))
         self.body = nn.Sequential(*layers)
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(previous, config.n_classes)
+        if config.feature_stages > 1:
+            # Scale of each stage's pooled maps, set from the training set after training
+            # (:func:`calibrate_stage_scales`) so that no stage outweighs the others.
+            self.register_buffer("stage_scales", torch.ones(config.feature_stages))
+
+    def _stages(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Maps of the feature stages (unscaled, full size) and the last stage's maps."""
+        first = len(self._stage_ends) - self.config.feature_stages
+        kept: list[torch.Tensor] = []
+        start = 0
+        for stage, end in enumerate(self._stage_ends):
+            x = self.body[start:end](x)
+            if stage >= first:
+                kept.append(x)
+            start = end
+        return kept, x
+
+    def _pooled(self, kept: list[torch.Tensor]) -> torch.Tensor:
+        grid = self.config.feature_grid
+        pooled = [F.adaptive_avg_pool2d(maps, grid) for maps in kept]
+        if len(pooled) == 1:
+            return pooled[0]
+        scales = self.get_buffer("stage_scales")
+        return torch.cat([p * scales[i] for i, p in enumerate(pooled)], dim=1)
 
     def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, C, g, g) feature maps pooled to the configured grid."""
-        return F.adaptive_avg_pool2d(self.body(x), self.config.feature_grid)
+        """(n, C, g, g) feature maps: the feature stages' maps pooled to the grid, stacked."""
+        return self._pooled(self._stages(x)[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.body(x).mean(dim=(2, 3))))
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = self.body(x)
-        logits = self.head(maps.mean(dim=(2, 3)))
-        return F.adaptive_avg_pool2d(maps, self.config.feature_grid), logits
+        kept, last = self._stages(x)
+        return self._pooled(kept), self.head(last.mean(dim=(2, 3)))
+
+
+def calibrate_stage_scales(model: CellCNN, maps: np.ndarray) -> np.ndarray:
+    """Give each feature stage of ``model`` the same root-mean-square energy as the last one,
+    measured on ``maps`` (training-set features extracted with unit scales); returns ``maps``
+    rescaled accordingly. Without this a wide early stage would dominate the residuals."""
+    if model.config.feature_stages == 1:
+        return maps
+    widths = model.config.widths[-model.config.feature_stages :]
+    bounds = np.cumsum((0, *widths))
+    energy = [
+        float(np.sqrt(np.mean(np.sum(maps[:, a:b].astype(np.float64) ** 2, axis=(1, 2, 3)))))
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    scales = np.array([energy[-1] / max(e, 1e-12) for e in energy], dtype=np.float32)
+    buffer = model.get_buffer("stage_scales")
+    buffer.copy_(torch.as_tensor(scales, device=buffer.device) * buffer)
+    out = maps.copy()
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        out[:, a:b] *= scales[i]
+    return out
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -262,7 +323,7 @@ def extract(
     if not feats:
         n_cls = model.config.n_classes
         g = model.config.feature_grid
-        return np.zeros((0, model.config.widths[-1], g, g), np.float32), np.zeros(
+        return np.zeros((0, model.config.feature_channels, g, g), np.float32), np.zeros(
             (0, n_cls), np.float32
         )
     return np.concatenate(feats), np.concatenate(probs)

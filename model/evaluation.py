@@ -8,15 +8,25 @@ confusion-matrix and ROC plots (PNG).
 from __future__ import annotations
 
 import json
+import os
 import time
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from leuk_fhir.errors import ResourceExhaustedError
 from leuk_fhir.model.dataset import CellDataset, stratified_folds
-from leuk_fhir.model.training import HEADS, TrainingConfig, fit_pipeline
+from leuk_fhir.model.training import (
+    HEADS,
+    HeadOutput,
+    TrainingConfig,
+    fit_pipeline,
+    resolve_epochs,
+)
 
 
 def per_class_metrics(
@@ -57,74 +67,373 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def cross_validate(
-    dataset: CellDataset, folds: int, config: TrainingConfig, progress: bool = False
-) -> dict[str, Any]:
-    """Train and score every head on the same ``folds`` deterministic (grouped) splits."""
-    splits = stratified_folds(dataset.labels, folds, seed=config.seed, groups=dataset.groups)
-    y = dataset.y
-    n_classes = len(dataset.class_names)
-    fold_records: list[dict[str, Any]] = []
-    pooled: dict[str, dict[str, list[np.ndarray]]] = {
-        h: {"true": [], "pred": [], "scores": []} for h in HEADS
+#: Folds run one after another below this much CNN work per fold (training images x epochs,
+#: about 30 s of training on one core): starting a worker process costs a few seconds.
+PARALLEL_MIN_WORK = 20_000
+#: Auto parallel folds start at this many cores: each worker gets two or more threads. On two
+#: cores two one-thread workers were slower than one fold at a time (docs/model.md).
+PARALLEL_MIN_CORES = 4
+#: Memory a fold worker needs besides its copy of the crops (torch, the CNN, a batch).
+WORKER_OVERHEAD_BYTES = 3 << 29
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """How ``cross_validate`` spreads folds over processes: ``workers`` folds at a time, each
+    with ``threads`` torch/BLAS threads (``threads`` 0 = leave the process's own setting)."""
+
+    workers: int
+    threads: int
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new processes (Linux ``MemAvailable``), or None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def plan_folds(
+    folds: int,
+    train_images: int,
+    epochs: int,
+    data_bytes: int,
+    workers: int = 0,
+    threads: int = 0,
+) -> FoldPlan:
+    """Workers and threads for ``folds`` folds (``workers`` 0 = auto).
+
+    Auto, on ``PARALLEL_MIN_CORES`` or more cores, runs one fold per two cores at once (at most
+    ``folds``, and no more than the available memory holds), each with ``cores / workers``
+    threads: a CNN this small spreads poorly over many threads, and the HOSVD fits of the folds
+    overlap. Fewer cores, or a job too small to pay for starting processes: one fold at a time,
+    in this process.
+    """
+    if workers < 0 or threads < 0:
+        raise ValueError("workers and threads must be >= 0")
+    cores = available_cores()
+    if workers == 0:
+        if train_images * epochs < PARALLEL_MIN_WORK or cores < PARALLEL_MIN_CORES:
+            workers = 1
+        else:
+            workers = min(folds, cores // 2)
+            memory = available_memory()
+            if memory is not None:
+                workers = min(workers, max(1, memory // (2 * data_bytes + WORKER_OVERHEAD_BYTES)))
+    workers = max(1, min(workers, folds))
+    if threads == 0 and workers > 1:
+        threads = max(1, cores // workers)
+    return FoldPlan(workers, threads)
+
+
+@dataclass
+class _FoldOutcome:
+    record: dict[str, Any]
+    outputs: dict[str, HeadOutput]
+    indeterminate: np.ndarray
+
+
+def _run_fold(
+    images: np.ndarray,
+    y: np.ndarray,
+    class_names: tuple[str, ...],
+    index: int,
+    n_folds: int,
+    train: np.ndarray,
+    test: np.ndarray,
+    config: TrainingConfig,
+    progress: bool = False,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+) -> _FoldOutcome:
+    """Fit the pipeline on one fold's training part and score every head on its test part."""
+    t0 = time.perf_counter()
+    pipeline = fit_pipeline(
+        images[train],
+        y[train],
+        class_names,
+        replace(config, seed=config.seed + index),
+        progress=progress,
+        description=f"fold {index + 1}/{n_folds} CNN",
+        on_epoch=on_epoch,
+    )
+    t1 = time.perf_counter()
+    maps, soft = pipeline.features(images[test])
+    heads = pipeline.heads_from_features(maps, soft)
+    flags = pipeline.hosvd.is_out_of_distribution(maps)
+    t2 = time.perf_counter()
+    record: dict[str, Any] = {
+        "fold": index + 1,
+        "train_images": int(len(train)),
+        "test_images": int(len(test)),
+        "epochs": pipeline.history.epochs,
+        "precision": pipeline.history.precision,
+        "seconds_train": round(t1 - t0, 2),
+        "seconds_test": round(t2 - t1, 2),
+        "seconds_parts": {k: round(v, 2) for k, v in pipeline.seconds.items()},
+        "hosvd_selection": {
+            "channel_rank": pipeline.hosvd.channel_rank_,
+            "position_rank": pipeline.hosvd.position_rank_,
+            "n_basis": pipeline.hosvd.n_basis_,
+            "n_subspaces": pipeline.hosvd.n_subspaces_,
+            "inner_cv_accuracy": pipeline.hosvd.cv_accuracy_,
+        },
+        "indeterminate_rate": float(flags.mean()),
+        "heads": {
+            head: {
+                "accuracy": float(np.mean(output.predicted == y[test])),
+                "per_class": per_class_metrics(
+                    y[test], output.predicted, output.scores, len(class_names)
+                ),
+            }
+            for head, output in heads.items()
+        },
     }
-    ood_flags: list[np.ndarray] = []
-    start = time.perf_counter()
-    iterator = enumerate(splits)
+    return _FoldOutcome(record, heads, flags)
+
+
+@contextmanager
+def _thread_limit(threads: int) -> Iterator[None]:
+    """Run with ``threads`` torch and BLAS threads (0: as they are)."""
+    if threads <= 0:
+        yield
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+#: State of a fold worker process, set once by :func:`_init_worker`.
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(
+    images: np.ndarray, y: np.ndarray, class_names: tuple[str, ...], threads: int, events: Any
+) -> None:
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    _WORKER.update(
+        images=images,
+        y=y,
+        class_names=class_names,
+        events=events,
+        limits=threadpool_limits(limits=threads),  # kept for the life of the worker
+    )
+
+
+def _worker_fold(
+    index: int, n_folds: int, train: np.ndarray, test: np.ndarray, config: TrainingConfig
+) -> tuple[int, _FoldOutcome]:
+    events = _WORKER["events"]
+
+    def on_epoch(epoch: int, loss: float, accuracy: float) -> None:
+        events.put((index, epoch))
+
+    outcome = _run_fold(
+        _WORKER["images"],
+        _WORKER["y"],
+        _WORKER["class_names"],
+        index,
+        n_folds,
+        train,
+        test,
+        config,
+        on_epoch=on_epoch,
+    )
+    return index, outcome
+
+
+def _run_parallel(
+    dataset: CellDataset,
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    config: TrainingConfig,
+    plan: FoldPlan,
+    progress: bool,
+) -> list[_FoldOutcome]:
+    """Folds in ``plan.workers`` spawned processes; one progress bar over all their epochs."""
+    import multiprocessing
+    import queue
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    context = multiprocessing.get_context("spawn")
+    events = context.Queue()
+    outcomes: dict[int, _FoldOutcome] = {}
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(splits), desc="cross-validation", unit="fold")
-    for i, (train, test) in iterator:
-        t0 = time.perf_counter()
-        pipeline = fit_pipeline(
-            dataset.images[train],
-            y[train],
-            dataset.class_names,
-            replace(config, seed=config.seed + i),
-            progress=progress,
-            description=f"fold {i + 1}/{len(splits)} CNN",
+        total = sum(resolve_epochs(config.epochs, len(t), config.batch_size) for t, _ in splits)
+        bar = tqdm(
+            total=total,
+            desc=f"cross-validation, {plan.workers} folds at a time",
+            unit="epoch",
         )
-        t1 = time.perf_counter()
-        maps, soft = pipeline.features(dataset.images[test])
-        heads = pipeline.heads_from_features(maps, soft)
-        flags = pipeline.hosvd.is_out_of_distribution(maps)
-        ood_flags.append(flags)
-        t2 = time.perf_counter()
-        record: dict[str, Any] = {
-            "fold": i + 1,
-            "train_images": int(len(train)),
-            "test_images": int(len(test)),
-            "epochs": pipeline.history.epochs,
-            "precision": pipeline.history.precision,
-            "seconds_train": round(t1 - t0, 2),
-            "seconds_test": round(t2 - t1, 2),
-            "seconds_parts": {k: round(v, 2) for k, v in pipeline.seconds.items()},
-            "hosvd_selection": {
-                "channel_rank": pipeline.hosvd.channel_rank_,
-                "position_rank": pipeline.hosvd.position_rank_,
-                "n_basis": pipeline.hosvd.n_basis_,
-                "n_subspaces": pipeline.hosvd.n_subspaces_,
-                "inner_cv_accuracy": pipeline.hosvd.cv_accuracy_,
-            },
-            "indeterminate_rate": float(flags.mean()),
-            "heads": {},
+    pool = ProcessPoolExecutor(
+        plan.workers,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(dataset.images, dataset.y, dataset.class_names, plan.threads, events),
+    )
+    try:
+        pending = {
+            pool.submit(_worker_fold, i, len(splits), train, test, config)
+            for i, (train, test) in enumerate(splits)
         }
-        for head, output in heads.items():
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in done:
+                index, outcome = future.result()
+                outcomes[index] = outcome
+                if bar is not None:
+                    bar.set_postfix(
+                        {"folds done": len(outcomes)}
+                        | {
+                            head: f"{np.mean([o.record['heads'][head]['accuracy'] for o in outcomes.values()]):.3f}"  # noqa: E501
+                            for head in HEADS
+                        }
+                    )
+            while True:
+                try:
+                    events.get_nowait()
+                except queue.Empty:
+                    break
+                if bar is not None:
+                    bar.update(1)
+    except BrokenProcessPool as error:
+        raise ResourceExhaustedError(
+            "a cross-validation worker process died (out of memory?)",
+            hint="run with --workers 1, or free memory",
+        ) from error
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        events.close()
+        if bar is not None:
+            bar.close()
+    return [outcomes[i] for i in range(len(splits))]
+
+
+#: Misclassified held-out cells shown in the report's contact sheet (most confident first).
+ERROR_SHEET_CELLS = 48
+
+
+def _misclassified(
+    dataset: CellDataset,
+    outcomes: list[_FoldOutcome],
+    splits: list[tuple[np.ndarray, np.ndarray]],
+) -> dict[str, list[dict[str, Any]]]:
+    """Every held-out cell a head got wrong, most confident first: the list to review for
+    label errors. ``score`` is the head's probability for its answer (the SVM's decision value)."""
+    names = dataset.class_names
+    out: dict[str, list[dict[str, Any]]] = {}
+    for head in HEADS:
+        rows: list[dict[str, Any]] = []
+        for outcome, (_, test) in zip(outcomes, splits, strict=True):
+            output = outcome.outputs.get(head)
+            if output is None:
+                continue
+            truth = dataset.y[test]
+            for j in np.flatnonzero(output.predicted != truth):
+                row = {
+                    "path": dataset.paths[test[j]],
+                    "fold": outcome.record["fold"],
+                    "true": names[truth[j]],
+                    "predicted": names[output.predicted[j]],
+                    "score": round(float(output.scores[j, output.predicted[j]]), 4),
+                }
+                if head == "hosvd":
+                    row["indeterminate"] = bool(outcome.indeterminate[j])
+                rows.append(row)
+        out[head] = sorted(rows, key=lambda r: (-r["score"], r["path"]))
+    return out
+
+
+def cross_validate(
+    dataset: CellDataset,
+    folds: int,
+    config: TrainingConfig,
+    progress: bool = False,
+    workers: int = 0,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Train and score every head on the same ``folds`` deterministic (grouped) splits.
+
+    Folds run in parallel processes where that pays (see :func:`plan_folds`; ``workers`` 0 =
+    auto). A fold's result depends on its seed and its thread count, not on which process ran
+    it: the same plan gives the same report, in-process or not.
+    """
+    splits = stratified_folds(dataset.labels, folds, seed=config.seed, groups=dataset.groups)
+    y = dataset.y
+    n_classes = len(dataset.class_names)
+    start = time.perf_counter()
+    train_size = max(len(train) for train, _ in splits)
+    plan = plan_folds(
+        len(splits),
+        train_size,
+        resolve_epochs(config.epochs, train_size, config.batch_size),
+        dataset.images.nbytes,
+        workers,
+        threads,
+    )
+    if plan.workers > 1:
+        outcomes = _run_parallel(dataset, splits, config, plan, progress)
+    else:
+        outcomes = []
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(splits), desc="cross-validation", unit="fold")
+        with _thread_limit(plan.threads):
+            for i, (train, test) in enumerate(splits):
+                outcome = _run_fold(
+                    dataset.images,
+                    y,
+                    dataset.class_names,
+                    i,
+                    len(splits),
+                    train,
+                    test,
+                    config,
+                    progress=progress,
+                )
+                outcomes.append(outcome)
+                if bar is not None:
+                    bar.set_postfix(
+                        {h: f"{outcome.record['heads'][h]['accuracy']:.3f}" for h in HEADS}
+                    )
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+    fold_records = [o.record for o in outcomes]
+    pooled: dict[str, dict[str, list[np.ndarray]]] = {
+        h: {"true": [], "pred": [], "scores": []} for h in HEADS
+    }
+    for outcome, (_, test) in zip(outcomes, splits, strict=True):
+        for head, output in outcome.outputs.items():
             pooled[head]["true"].append(y[test])
             pooled[head]["pred"].append(output.predicted)
             pooled[head]["scores"].append(output.scores)
-            record["heads"][head] = {
-                "accuracy": float(np.mean(output.predicted == y[test])),
-                "per_class": per_class_metrics(y[test], output.predicted, output.scores, n_classes),
-            }
-        fold_records.append(record)
-        if bar is not None:
-            bar.set_postfix({h: f"{record['heads'][h]['accuracy']:.3f}" for h in record["heads"]})
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    misclassified = _misclassified(dataset, outcomes, splits)
     from sklearn.metrics import confusion_matrix
 
     summary: dict[str, Any] = {}
@@ -158,10 +467,15 @@ def cross_validate(
         "images": int(len(y)),
         "config": config.to_json(),
         "seconds_total": round(time.perf_counter() - start, 1),
+        "parallel": {"workers": plan.workers, "threads": plan.threads},
         "indeterminate_rate_mean": float(np.mean([f["indeterminate_rate"] for f in fold_records])),
         "heads": summary,
         "per_fold": fold_records,
+        "misclassified": misclassified,
     }
+    shown = misclassified.get("hosvd", [])[:ERROR_SHEET_CELLS]
+    position = {path: i for i, path in enumerate(dataset.paths)}
+    report["_error_crops"] = {"hosvd": dataset.images[[position[e["path"]] for e in shown]]}
     report["_roc"] = {
         h: {
             "true": np.concatenate(pooled[h]["true"]),
@@ -230,6 +544,29 @@ def _plot_roc(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_errors(report: dict[str, Any], crops: np.ndarray, path: Path) -> None:
+    """Contact sheet of the HOSVD head's most confident errors: crop, true -> predicted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["misclassified"]["hosvd"][: len(crops)]
+    columns = 8
+    lines = -(-len(rows) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(columns * 1.5, lines * 1.75), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, crop, row in zip(axes.flat, crops, rows, strict=False):
+        ax.imshow(crop)
+        ax.set_title(
+            f"{row['true'][:12]}\n-> {row['predicted'][:12]} {row['score']:.2f}", fontsize=6
+        )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
 
@@ -241,6 +578,14 @@ def _epochs_text(report: dict[str, Any]) -> str:
     return "auto (" + ", ".join(map(str, used)) + ")"
 
 
+def _parallel_text(report: dict[str, Any]) -> str:
+    plan = report.get("parallel") or {}
+    if plan.get("workers", 1) <= 1:
+        return ""
+    threads = f", {plan['threads']} thread(s) each" if plan.get("threads") else ""
+    return f" ({plan['workers']} folds at a time{threads})"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     data = report["dataset"]
     lines = [
@@ -250,7 +595,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{data['duplicates_dropped']} byte-identical duplicate(s) dropped; "
         f"{report['folds']}-fold {'grouped ' if report['grouped'] else ''}stratified cross-validation; "
         f"image size {report['config']['image_size']} px, {_epochs_text(report)} epochs; "
-        f"{report['seconds_total']:.0f} s in total.",
+        f"{report['seconds_total']:.0f} s in total{_parallel_text(report)}.",
         "",
         "## Accuracy per head (mean +- std over folds, %)",
         "",
@@ -304,17 +649,36 @@ def render_markdown(report: dict[str, Any]) -> str:
         "![ROC curves](roc.png)",
         "",
     ]
+    errors = report.get("misclassified", {}).get("hosvd")
+    if errors:
+        lines += [
+            f"## Misclassified cells, HOSVD head ({len(errors)}; all heads in report.json)",
+            "",
+            "Most confident errors first: the place to look for label errors.",
+            "",
+            "| Image | Fold | True | Predicted | Probability |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{e['path']}` | {e['fold']} | {e['true']} | {e['predicted']} | {e['score']:.3f} |"
+            for e in errors[:20]
+        ]
+        lines += ["", "![most confident errors](errors_hosvd.png)", ""]
     return "\n".join(lines)
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> Path:
-    """Write report.json, report.md, confusion_matrix.png and roc.png into ``out_dir``."""
+    """Write report.json, report.md, confusion_matrix.png, roc.png and errors_hosvd.png (the
+    HOSVD head's most confident errors) into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     public = {k: v for k, v in report.items() if not k.startswith("_")}
     (out_dir / "report.json").write_text(json.dumps(public, indent=2), encoding="utf-8")
     _plot_confusion(report, out_dir / "confusion_matrix.png")
     _plot_roc(report, out_dir / "roc.png")
+    crops = (report.get("_error_crops") or {}).get("hosvd")
+    if crops is not None and len(crops):
+        _plot_errors(report, crops, out_dir / "errors_hosvd.png")
     (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
     return out_dir / "report.json"
 

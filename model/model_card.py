@@ -17,6 +17,13 @@ def _pct(value: Any) -> str:
     return "n/a" if value is None else f"{100 * float(value):.2f}%"
 
 
+def _stages_text(cnn: dict[str, Any]) -> str:
+    stages = int(cnn.get("feature_stages", 1))
+    if stages == 1:
+        return "last feature maps"
+    return f"feature maps of the last {stages} stages (scaled to equal energy, stacked)"
+
+
 def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
     """Markdown model card for a model manifest."""
     lines = [f"# Model card: {manifest['name']} {manifest['version']}", ""]
@@ -65,7 +72,7 @@ def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
         "normalised per channel.",
         f"- CNN: {len(manifest['cnn']['widths'])} stages of conv-BN-ReLU, widths {manifest['cnn']['widths']}, "
         f"convolutions per stage {list(stage_depths_of(manifest['cnn']))}; "
-        f"last feature maps pooled to {manifest['cnn']['feature_grid']}x{manifest['cnn']['feature_grid']}; "
+        f"{_stages_text(manifest['cnn'])} pooled to {manifest['cnn']['feature_grid']}x{manifest['cnn']['feature_grid']}; "
         "trained with flips, 90-degree rotations, shifts and stain/colour jitter.",
         f"- HOSVD classifier (Savas & Elden 2007): per class HOSVD of the channels x positions x samples "
         f"tensor, ranks ({hosvd['channel_rank']}, {hosvd['position_rank']}), {hosvd['n_basis']} basis "

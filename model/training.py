@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from leuk_fhir.model.cnn import (
     CellCNN,
     CNNConfig,
     TrainingHistory,
+    calibrate_stage_scales,
     extract,
     resolve_device,
     train_cnn,
@@ -56,6 +58,8 @@ class TrainingConfig:
     widths: tuple[int, ...] = (16, 32, 64, 128)
     stage_depths: tuple[int, ...] = (1, 2, 2, 2)
     feature_grid: int = 4
+    #: the last N stages' maps feed the heads (stacked channels; docs/model.md)
+    feature_stages: int = 1
     seed: int = 0
     device: str = "auto"
     #: training arithmetic: auto (bfloat16 where the hardware has native support), bf16, fp32
@@ -149,8 +153,12 @@ def fit_pipeline(
     with_svm: bool = True,
     progress: bool = False,
     description: str = "training CNN",
+    on_epoch: Callable[[int, float, float], None] | None = None,
 ) -> FittedPipeline:
-    """Train the CNN, extract feature maps, fit the HOSVD head (and the SVM baseline)."""
+    """Train the CNN, extract feature maps, fit the HOSVD head (and the SVM baseline).
+
+    ``progress`` shows a bar of epochs; ``on_epoch(epoch, loss, accuracy)`` is called after each.
+    """
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
@@ -162,18 +170,21 @@ def fit_pipeline(
         widths=config.widths,
         stage_depths=config.stage_depths,
         feature_grid=config.feature_grid,
+        feature_stages=config.feature_stages,
     )
     epochs = resolve_epochs(config.epochs, len(images), config.batch_size)
     bar = None
-    callback = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=epochs, desc=description, unit="epoch", leave=False)
 
-        def callback(epoch: int, loss: float, accuracy: float) -> None:
+    def callback(epoch: int, loss: float, accuracy: float) -> None:
+        if bar is not None:
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
             bar.update(1)
+        if on_epoch is not None:
+            on_epoch(epoch, loss, accuracy)
 
     cnn, history = train_cnn(
         images,
@@ -193,6 +204,7 @@ def fit_pipeline(
         bar.close()
     t0 = time.perf_counter()
     maps, _ = extract(cnn, images, mean, std, device, dihedral=config.dihedral_average)
+    maps = calibrate_stage_scales(cnn, maps)
     t1 = time.perf_counter()
     hosvd = HOSVDClassifier(cv=config.hosvd_cv, random_state=config.seed).fit(maps, y)
     t2 = time.perf_counter()

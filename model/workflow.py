@@ -47,6 +47,7 @@ def train_and_save(
     version: str = "0.1.0",
     is_demo: bool = False,
     cv_folds: int = 0,
+    cv_workers: int = 0,
     progress: bool = False,
     description: str = "",
     extra_manifest: dict[str, Any] | None = None,
@@ -60,7 +61,7 @@ def train_and_save(
     report = None
     metrics: dict[str, float] = {}
     if cv_folds:
-        report = cross_validate(dataset, cv_folds, config, progress=progress)
+        report = cross_validate(dataset, cv_folds, config, progress=progress, workers=cv_workers)
         metrics = flat_metrics(report)
     pipeline = fit_pipeline(
         dataset.images, dataset.y, dataset.class_names, config, with_svm=False, progress=progress

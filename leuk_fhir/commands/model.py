@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from leuk_fhir.model.dataset import CellDataset
     from leuk_fhir.model.training import TrainingConfig
 
-_DEFAULTS = {"epochs": 0, "image_size": 64, "seed": 0}
+_DEFAULTS = {"epochs": 0, "image_size": 64, "seed": 0, "feature_stages": 1}
 
 
 def _training_options(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +46,21 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="training arithmetic: auto (default) is bfloat16 where the CPU/GPU has native "
         "support (about 2x faster), else float32",
+    )
+    parser.add_argument(
+        "--feature-stages",
+        type=int,
+        default=_DEFAULTS["feature_stages"],
+        metavar="N",
+        help="feature maps of the last N CNN stages feed the classifier (default %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="cross-validation folds trained at the same time, in separate processes (default "
+        "0 = auto: on 4 or more CPU cores one fold per two cores, as memory allows; else 1)",
     )
     parser.add_argument(
         "--dihedral-average",
@@ -125,6 +140,13 @@ def _apply_threads(threads: int) -> None:
 def _config(args: argparse.Namespace, settings_device: str) -> TrainingConfig:
     from leuk_fhir.model.training import TrainingConfig
 
+    if args.workers < 0:
+        raise InputError(f"--workers must be 0 (auto) or more, not {args.workers}")
+    stages = len(TrainingConfig.widths)
+    if not 1 <= args.feature_stages <= stages:
+        raise InputError(
+            f"--feature-stages must be between 1 and {stages}, not {args.feature_stages}"
+        )
     for name in ("epochs", "image_size"):
         if getattr(args, name) < (0 if name == "epochs" else 16):
             raise InputError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
@@ -135,6 +157,7 @@ def _config(args: argparse.Namespace, settings_device: str) -> TrainingConfig:
         device=args.device or settings_device,
         precision=args.precision,
         dihedral_average=args.dihedral_average,
+        feature_stages=args.feature_stages,
     )
 
 
@@ -177,6 +200,7 @@ def _train(args: argparse.Namespace) -> int:
         name=args.name,
         version=args.model_version,
         cv_folds=args.cv_folds,
+        cv_workers=args.workers,
         progress=True,
     )
     print(f"wrote {args.out} (sha256 {sha})")
@@ -191,7 +215,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     config = _config(args, load_settings(args.config).model.device)
     dataset = _load(args, config)
-    report = cross_validate(dataset, args.folds, config, progress=True)
+    report = cross_validate(dataset, args.folds, config, progress=True, workers=args.workers)
     path = write_report(report, args.out)
     for head, s in report["heads"].items():
         print(

@@ -11,6 +11,7 @@ import torch
 
 from leuk_fhir.findings import INDETERMINATE, CellFinding
 from leuk_fhir.model import load_classifier
+from leuk_fhir.model.cnn import CNNConfig
 from leuk_fhir.model.synthetic import generate_cell
 from leuk_fhir.model.training import fit_pipeline
 from leuk_fhir.model.workflow import synthetic_dataset
@@ -72,9 +73,7 @@ def test_training_is_deterministic_for_a_seed() -> None:
     assert np.array_equal(runs[0].hosvd.residuals(maps), runs[1].hosvd.residuals(maps))
 
 
-def test_dihedral_average_makes_features_orientation_free(
-    tiny_model: Path, tmp_path: Path
-) -> None:
+def test_dihedral_average_makes_features_orientation_free(tiny_model: Path, tmp_path: Path) -> None:
     import dataclasses
 
     from leuk_fhir.model.cnn import extract
@@ -135,3 +134,32 @@ def test_training_precision_is_resolved_from_the_hardware() -> None:
     assert resolve_precision("auto", cpu) in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("fp8", cpu)
+
+
+def test_stacked_feature_stages_are_balanced_and_survive_the_model_file(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from leuk_fhir.model.workflow import train_and_save
+
+    config = replace(TINY_CONFIG, feature_stages=3)
+    ds = synthetic_dataset(10, seed=3, image_size=config.image_size, cell_size=64)
+    pipeline, _, _ = train_and_save(ds, tmp_path / "stacked.lfm", config)
+    maps, _ = pipeline.features(ds.images)
+    widths = config.widths[-3:]
+    assert maps.shape[1:] == (sum(widths), config.feature_grid, config.feature_grid)
+    # Each stage's block carries the energy of the last stage's block on the training set.
+    bounds = np.cumsum((0, *widths))
+    energy = [
+        np.sqrt(np.mean(np.sum(maps[:, a:b].astype(np.float64) ** 2, axis=(1, 2, 3))))
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    assert np.allclose(energy, energy[-1], rtol=1e-3), energy
+    # The stage scales travel in the model file: the loaded model answers as the fitted one.
+    clf = load_classifier(tmp_path / "stacked.lfm", device="cpu")
+    assert clf.cnn.config.feature_stages == 3
+    assert np.allclose(
+        clf.run(list(ds.images)).residuals, pipeline.hosvd.residuals(maps), atol=1e-5
+    )
+    assert "last 3 stages" in clf.info.model_card_markdown
+    with pytest.raises(ValueError, match="feature_stages"):
+        CNNConfig(n_classes=2, feature_stages=5)

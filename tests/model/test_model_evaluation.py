@@ -1,0 +1,90 @@
+"""Cross-validation: parallel folds equal in-process folds; every error is listed for review."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from leuk_fhir.model import evaluation
+from leuk_fhir.model.evaluation import cross_validate, plan_folds, write_report
+from leuk_fhir.model.workflow import synthetic_dataset
+
+from .conftest import TINY_CONFIG
+
+
+def _predictions(report: dict) -> list:
+    return [
+        (
+            f["fold"],
+            {h: round(v["accuracy"], 12) for h, v in f["heads"].items()},
+            f["hosvd_selection"],
+        )
+        for f in report["per_fold"]
+    ]
+
+
+def test_parallel_folds_match_in_process_folds() -> None:
+    ds = synthetic_dataset(9, seed=4, image_size=TINY_CONFIG.image_size, cell_size=64)
+    serial = cross_validate(ds, 3, TINY_CONFIG, workers=1, threads=1)
+    parallel = cross_validate(ds, 3, TINY_CONFIG, workers=2, threads=1)
+    assert serial["parallel"] == {"workers": 1, "threads": 1}
+    assert parallel["parallel"] == {"workers": 2, "threads": 1}
+    assert [f["fold"] for f in parallel["per_fold"]] == [1, 2, 3]  # in fold order, not finish order
+    assert _predictions(parallel) == _predictions(serial)
+    for head in ("hosvd", "softmax", "svm"):
+        assert (
+            parallel["heads"][head]["confusion_matrix"] == serial["heads"][head]["confusion_matrix"]
+        )
+        assert np.allclose(parallel["_roc"][head]["scores"], serial["_roc"][head]["scores"])
+
+
+def test_fold_plan_uses_the_cores_and_the_memory_there_are(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(evaluation, "available_memory", lambda: 64 << 30)
+    # Two cores: one fold at a time (two one-thread workers were slower there).
+    monkeypatch.setattr(evaluation, "available_cores", lambda: 2)
+    assert plan_folds(5, train_images=3200, epochs=40, data_bytes=50 << 20).workers == 1
+    # Sixteen cores: a fold per two cores, up to the number of folds, threads shared out.
+    monkeypatch.setattr(evaluation, "available_cores", lambda: 16)
+    assert plan_folds(5, 3200, 40, 50 << 20) == evaluation.FoldPlan(5, 3)
+    assert plan_folds(10, 3200, 40, 50 << 20) == evaluation.FoldPlan(8, 2)
+    # Too little work to pay for starting processes: in-process, threads left alone.
+    assert plan_folds(5, train_images=40, epochs=30, data_bytes=1 << 20) == evaluation.FoldPlan(
+        1, 0
+    )
+    # Never more workers than folds; an explicit count wins over auto.
+    assert plan_folds(2, 3200, 40, 50 << 20, workers=8).workers == 2
+    assert plan_folds(5, 3200, 40, 50 << 20, workers=1) == evaluation.FoldPlan(1, 0)
+    monkeypatch.setattr(evaluation, "available_cores", lambda: 2)
+    assert plan_folds(5, 3200, 40, 50 << 20, workers=2) == evaluation.FoldPlan(2, 1)
+    # A data set that fits memory once but not twice over runs one fold at a time.
+    monkeypatch.setattr(evaluation, "available_cores", lambda: 16)
+    monkeypatch.setattr(evaluation, "available_memory", lambda: 12 << 30)
+    assert plan_folds(5, 17_000, 20, data_bytes=5 << 30).workers == 1
+    assert plan_folds(5, 17_000, 20, data_bytes=1 << 30).workers == 3
+    with pytest.raises(ValueError):
+        plan_folds(5, 3200, 40, 1, workers=-1)
+
+
+def test_every_error_is_listed_for_review_with_a_contact_sheet(tmp_path: Path) -> None:
+    ds = synthetic_dataset(8, seed=6, image_size=TINY_CONFIG.image_size, cell_size=64)
+    # Labels shuffled: the CNN cannot learn them, so every head makes errors to list.
+    shuffled = replace(ds, labels=np.random.default_rng(0).permutation(ds.labels))
+    report = cross_validate(shuffled, 2, TINY_CONFIG, workers=1)
+    for head, listed in report["misclassified"].items():
+        cm = np.array(report["heads"][head]["confusion_matrix"])
+        assert len(listed) == cm.sum() - np.trace(cm) > 0
+        assert all(e["true"] != e["predicted"] for e in listed)
+        assert [e["score"] for e in listed] == sorted((e["score"] for e in listed), reverse=True)
+        truth = dict(zip(shuffled.paths, shuffled.labels, strict=True))
+        assert all(truth[e["path"]] == e["true"] for e in listed)
+    write_report(report, tmp_path)
+    assert (tmp_path / "errors_hosvd.png").stat().st_size > 1000
+    markdown = (tmp_path / "report.md").read_text()
+    assert "Misclassified cells, HOSVD head" in markdown and "errors_hosvd.png" in markdown
+    assert "misclassified" in json.loads((tmp_path / "report.json").read_text())
