@@ -301,6 +301,13 @@ def _run_parallel(
         }
         while pending:
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            while True:
+                try:
+                    events.get_nowait()
+                except queue.Empty:
+                    break
+                if bar is not None:
+                    bar.update(1)
             for future in done:
                 index, outcome = future.result()
                 outcomes[index] = outcome
@@ -312,13 +319,6 @@ def _run_parallel(
                             for head in HEADS
                         }
                     )
-            while True:
-                try:
-                    events.get_nowait()
-                except queue.Empty:
-                    break
-                if bar is not None:
-                    bar.update(1)
     except BrokenProcessPool as error:
         raise ResourceExhaustedError(
             "a cross-validation worker process died (out of memory?)",

@@ -88,3 +88,33 @@ def test_every_error_is_listed_for_review_with_a_contact_sheet(tmp_path: Path) -
     markdown = (tmp_path / "report.md").read_text()
     assert "Misclassified cells, HOSVD head" in markdown and "errors_hosvd.png" in markdown
     assert "misclassified" in json.loads((tmp_path / "report.json").read_text())
+
+
+def test_a_worker_killed_mid_run_stops_with_a_typed_error() -> None:
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    import time
+
+    from leuk_fhir.errors import ResourceExhaustedError
+
+    ds = synthetic_dataset(8, seed=7, image_size=TINY_CONFIG.image_size, cell_size=64)
+    killed: list[int] = []
+
+    def kill_a_worker() -> None:  # what the kernel's OOM killer does to a worker
+        deadline = time.monotonic() + 60
+        while not killed and time.monotonic() < deadline:
+            for child in multiprocessing.active_children():
+                if child.pid:
+                    os.kill(child.pid, signal.SIGKILL)
+                    killed.append(child.pid)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_worker)
+    killer.start()
+    with pytest.raises(ResourceExhaustedError, match="worker process died") as error:
+        cross_validate(ds, 2, replace(TINY_CONFIG, epochs=200), workers=2, threads=1)
+    killer.join()
+    assert killed and "--workers 1" in str(error.value)
