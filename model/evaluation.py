@@ -71,7 +71,7 @@ def _mean(values: list[float | None]) -> float | None:
 #: about 30 s of training on one core): starting a worker process costs a few seconds.
 PARALLEL_MIN_WORK = 20_000
 #: Auto parallel folds start at this many cores: each worker gets two or more threads. On two
-#: cores two one-thread workers gained 5-13% (docs/model.md), not worth a default whose bf16
+#: cores two one-thread workers gained 4-13% (docs/model.md), not worth a default whose bf16
 #: results differ in the last bits from the published two-thread figures.
 PARALLEL_MIN_CORES = 4
 #: Memory a fold worker needs besides its copy of the crops (torch, the CNN, a batch).
