@@ -228,17 +228,9 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(
     images: np.ndarray, y: np.ndarray, class_names: tuple[str, ...], threads: int, events: Any
 ) -> None:
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(threads)
-    _WORKER.update(
-        images=images,
-        y=y,
-        class_names=class_names,
-        events=events,
-        limits=threadpool_limits(limits=threads),  # kept for the life of the worker
-    )
+    limit = _thread_limit(threads)
+    limit.__enter__()  # for the life of the worker
+    _WORKER.update(images=images, y=y, class_names=class_names, events=events, limit=limit)
 
 
 def _worker_fold(
