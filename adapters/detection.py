@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from leuk_fhir.stain import NUCLEUS_STAIN_THRESHOLD, nucleus_mask
+
 #: Diameter of a white cell in microns (lymphocyte 7-15, neutrophil 12-15, blast 10-20).
 WHITE_CELL_DIAMETER_UM = 13.0
 #: Expected white-cell diameter in pixels when the image declares no pixel spacing
@@ -32,7 +34,7 @@ class DetectionSettings:
     """Tunable thresholds of :func:`detect_white_cells` (defaults measured on BCCD)."""
 
     #: Minimum (blue - green) of a nucleus pixel.
-    stain_threshold: int = 40
+    stain_threshold: int = NUCLEUS_STAIN_THRESHOLD
     #: Nucleus blob area limits, as fractions of the expected cell disc area.
     min_nucleus_area: float = 0.10
     max_nucleus_area: float = 1.6
@@ -69,14 +71,6 @@ def cell_diameter_px(microns_per_pixel: float | None) -> float:
         if microns_per_pixel
         else DEFAULT_CELL_DIAMETER_PX
     )
-
-
-def nucleus_mask(rgb: np.ndarray, threshold: int) -> np.ndarray:
-    """Pixels whose blue exceeds green by ``threshold`` and that are not brighter in red than blue."""
-    r = rgb[..., 0].astype(np.int16)
-    g = rgb[..., 1].astype(np.int16)
-    b = rgb[..., 2].astype(np.int16)
-    return ((b - g) >= threshold) & (b >= r - 10)
 
 
 def detect_white_cells(

@@ -7,7 +7,7 @@ confirm with ``model_pbc_cv.py``.
 
 Usage:
     nice -n 10 .venv/bin/python benchmarks/model_one_fold.py --widths 16,32,64,128 \\
-        --depths 1,2,2,2 --image-size 64 --epochs 40 [--precision fp32] [--binary]
+        --depths 1,2,2,2 --image-size 64 --epochs 40 [--crop 1] [--precision fp32] [--binary]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from leuk_fhir.model.dataset import load_dataset, stratified_folds
+from leuk_fhir.model.framing import parse_crop
 from leuk_fhir.model.training import TrainingConfig, fit_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +39,13 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=TrainingConfig.image_size)
     parser.add_argument("--epochs", type=int, default=0, help="0: auto")
     parser.add_argument(
+        "--crop",
+        type=parse_crop,
+        default=None,
+        help="central fraction kept (default auto, as evaluate; 1 = the whole image, as in the "
+        "architecture table, which predates framing)",
+    )
+    parser.add_argument(
         "--feature-stages", type=int, default=1, help="last N stages' maps feed the heads"
     )
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
@@ -50,6 +58,7 @@ def main() -> int:
         args.image_size,
         max_pixels=64_000_000,
         binary_positive="lymphocyte" if args.binary else None,
+        crop=args.crop,
     )
     train, test = stratified_folds(data.labels, 5, seed=args.seed)[args.fold - 1]
     config = TrainingConfig(
@@ -60,6 +69,7 @@ def main() -> int:
         precision=args.precision,
         seed=args.seed,
         feature_stages=args.feature_stages,
+        crop=data.framing.crop,
     )
     start = time.perf_counter()
     pipeline = fit_pipeline(data.images[train], data.y[train], data.class_names, config)
@@ -70,6 +80,7 @@ def main() -> int:
         "stage_depths": list(args.depths),
         "feature_stages": args.feature_stages,
         "image_size": args.image_size,
+        "crop": data.framing.crop,
         "epochs": pipeline.history.epochs,
         "precision": pipeline.history.precision,
         "fold": args.fold,

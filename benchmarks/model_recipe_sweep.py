@@ -6,9 +6,11 @@ what ``evaluate`` would report for it. Jobs run in worker processes (sharing a G
 is one); results stream to a JSON-lines file; ``--deadline`` stops starting new jobs so the
 sweep fits a fixed time (a GPU lease). Prints a mean +- std table per variant at the end.
 
-Data: a folder (as ``evaluate`` reads it, at each variant's image size), or per image size an
-``.npz`` of prepared crops (``images``, ``labels``; or ``data``/``lens``/``labels`` holding
-encoded crops), which is how the sweep travelled to a lent GPU (docs/model.md).
+Data: a folder (as ``evaluate`` reads it, at each variant's image size, whole images), or per
+data key (an image size, optionally with a framing suffix: ``64c60`` = the central 60% of each
+image at 64 px) an ``.npz`` of prepared crops (``images``, ``labels``; or ``data``/``lens``/
+``labels`` holding losslessly encoded crops), which is how the sweep travelled to a lent GPU
+(docs/model.md).
 
 Usage (on the 2-core CPU one variant's five folds take about 15 minutes per 40 epochs):
     .venv/bin/python benchmarks/model_recipe_sweep.py --out benchmarks/results/sweep.jsonl \\
@@ -33,19 +35,33 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 PBC = REPO.parent / "shared" / "datasets" / "pbc"
 
-#: name -> (task, image size, TrainingConfig overrides), in priority order.
-VARIANTS: dict[str, tuple[str, int, dict[str, Any]]] = {
-    "base": ("8class", 64, {}),
-    "e80": ("8class", 64, {"epochs": 80}),
-    "e160": ("8class", 64, {"epochs": 160}),
-    "s96-e80": ("8class", 96, {"image_size": 96, "epochs": 80}),
-    "wide-e80": ("8class", 64, {"epochs": 80, "widths": (24, 48, 96, 192)}),
-    "bs128-e80": ("8class", 64, {"epochs": 80, "batch_size": 128, "learning_rate": 6e-3}),
-    "binary-base": ("binary", 64, {}),
-    "binary-e80": ("binary", 64, {"epochs": 80}),
+#: name -> (task, data key, TrainingConfig overrides), in priority order. The data key is the
+#: image size, optionally with a suffix naming how the crops were made ("64c60": the central
+#: 60% of each image); ``--prepared KEY=NPZ`` supplies the crops. ``members`` (not a
+#: TrainingConfig field) trains that many CNNs per fold (seeds fold, fold + 100, ...) and
+#: scores their ensemble as well as member 0 alone.
+VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "base": ("8class", "64", {}),
+    "e80": ("8class", "64", {"epochs": 80}),
+    "e160": ("8class", "64", {"epochs": 160}),
+    "s96-e80": ("8class", "96", {"image_size": 96, "epochs": 80}),
+    "wide-e80": ("8class", "64", {"epochs": 80, "widths": (24, 48, 96, 192)}),
+    "bs128-e80": ("8class", "64", {"epochs": 80, "batch_size": 128, "learning_rate": 6e-3}),
+    "ens3-e80": ("8class", "64", {"epochs": 80, "members": 3}),
+    "c60": ("8class", "64c60", {}),
+    "c60-e80": ("8class", "64c60", {"epochs": 80}),
+    "c60-ens2": ("8class", "64c60", {"members": 2}),
+    "c60-ens3": ("8class", "64c60", {"members": 3}),
+    "c60-ens3-e80": ("8class", "64c60", {"epochs": 80, "members": 3}),
+    "binary-base": ("binary", "64", {}),
+    "binary-e80": ("binary", "64", {"epochs": 80}),
 }
 
 _CACHE: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _size(key: str) -> int:
+    return int(key.split("c")[0])
 
 
 def _load(source: str, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -87,8 +103,10 @@ def run_job(name: str, fold: int, source: str, threads: int) -> dict[str, Any]:
     from leuk_fhir.model.evaluation import per_class_metrics
     from leuk_fhir.model.training import TrainingConfig, fit_pipeline
 
-    task, size, overrides = VARIANTS[name]
-    images, labels = _load(source, size)
+    task, key, overrides = VARIANTS[name]
+    overrides = dict(overrides)
+    members = int(overrides.pop("members", 1))
+    images, labels = _load(source, _size(key))
     if task == "binary":
         labels = np.where(labels == "lymphocyte", "lymphocyte", "other")
     class_names, y = np.unique(labels, return_inverse=True)
@@ -97,6 +115,8 @@ def run_job(name: str, fold: int, source: str, threads: int) -> dict[str, Any]:
     start = time.perf_counter()
     pipeline = fit_pipeline(images[train], y[train], tuple(class_names), config)
     heads = pipeline.predict_heads(images[test])
+    if members > 1:
+        heads = _ensemble(pipeline, heads, images[train], y[train], images[test], members)
     hosvd = heads["hosvd"]
     sensitivity = per_class_metrics(y[test], hosvd.predicted, hosvd.scores, len(class_names))[
         "sensitivity"
@@ -121,6 +141,60 @@ def run_job(name: str, fold: int, source: str, threads: int) -> dict[str, Any]:
     }
 
 
+def _ensemble(
+    first: Any,
+    heads: dict[str, Any],
+    train_images: np.ndarray,
+    y: np.ndarray,
+    test_images: np.ndarray,
+    members: int,
+) -> dict[str, Any]:
+    """Heads of ``members`` CNNs: HOSVD on their stacked maps (each member's maps scaled to unit
+    RMS on the training set), the mean of their HOSVD and softmax probabilities, an SVM on the
+    stacked pooled maps; member 0's own heads are kept with a ``_m0`` suffix."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    from leuk_fhir.model.hosvd import HOSVDClassifier
+    from leuk_fhir.model.training import HeadOutput, fit_pipeline, pooled
+
+    pipes = [first] + [
+        fit_pipeline(
+            train_images,
+            y,
+            first.class_names,
+            replace(first.config, seed=first.config.seed + 100 * m),
+            with_svm=False,
+        )
+        for m in range(1, members)
+    ]
+    train_maps, test_maps, hosvd_p, soft_p = [], [], [], []
+    for pipe in pipes:
+        tr = pipe.features(train_images)[0]
+        te, soft = pipe.features(test_images)
+        scale = 1.0 / float(np.sqrt(np.mean(tr.astype(np.float64) ** 2)))
+        train_maps.append(tr * scale)
+        test_maps.append(te * scale)
+        hosvd_p.append(pipe.hosvd.predict_proba(te))
+        soft_p.append(soft)
+    stacked_train = np.concatenate(train_maps, axis=1)
+    stacked_test = np.concatenate(test_maps, axis=1)
+    hosvd = HOSVDClassifier(cv=first.config.hosvd_cv, random_state=first.config.seed)
+    proba = hosvd.fit(stacked_train, y).predict_proba(stacked_test)
+    svm = make_pipeline(StandardScaler(), LinearSVC(C=0.5, max_iter=5000, random_state=0))
+    decision = np.asarray(svm.fit(pooled(stacked_train), y).decision_function(pooled(stacked_test)))
+    out = {f"{h}_m0": o for h, o in heads.items()}
+    mean_hosvd, mean_soft = np.mean(hosvd_p, axis=0), np.mean(soft_p, axis=0)
+    out["hosvd"] = HeadOutput(proba.argmax(1), proba)
+    out["hosvd_mean"] = HeadOutput(mean_hosvd.argmax(1), mean_hosvd)
+    out["softmax"] = HeadOutput(mean_soft.argmax(1), mean_soft)
+    out["svm"] = HeadOutput(decision.argmax(1), decision)
+    for m in range(1, members):
+        out[f"hosvd_m{m}"] = HeadOutput(hosvd_p[m].argmax(1), hosvd_p[m])
+    return out
+
+
 def summarise(records: list[dict[str, Any]]) -> str:
     lines = ["variant            folds  hosvd          softmax        svm            cnn s/fold"]
     for name in VARIANTS:
@@ -133,6 +207,10 @@ def summarise(records: list[dict[str, Any]]) -> str:
             cells.append(f"{acc.mean():6.2f} +-{acc.std():4.2f}")
         cnn = np.mean([r["seconds"]["cnn"] for r in rows])
         lines.append(f"{name:18s} {len(rows):5d}  " + "  ".join(cells) + f"  {cnn:8.1f}")
+        extra = sorted(set(rows[0]["accuracy"]) - {"hosvd", "softmax", "svm"})
+        if extra:
+            means = {h: 100 * np.mean([r["accuracy"][h] for r in rows]) for h in extra}
+            lines.append(" " * 25 + "  ".join(f"{h} {v:.2f}" for h, v in means.items()))
     return "\n".join(lines)
 
 
@@ -143,8 +221,9 @@ def main() -> int:
         "--prepared",
         action="append",
         default=[],
-        metavar="SIZE=NPZ",
-        help="prepared crops of one image size, used instead of decoding --data",
+        metavar="KEY=NPZ",
+        help="prepared crops for one data key (an image size, e.g. 64, or 64c60), used "
+        "instead of decoding --data",
     )
     parser.add_argument("--out", type=Path, required=True, help="JSON-lines results file")
     parser.add_argument("--only", default="", help="comma-separated variant names")
@@ -163,7 +242,7 @@ def main() -> int:
     jobs = []
     for folds in args.folds.split("/"):
         for name in names:
-            source = prepared.get(str(VARIANTS[name][1]), args.data)
+            source = prepared.get(VARIANTS[name][1], args.data)
             jobs += [(name, int(fold) - 1, source) for fold in folds.split(",")]
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     start = time.perf_counter()

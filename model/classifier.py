@@ -59,6 +59,10 @@ class CellClassifier:
         try:
             prep = manifest["preprocessing"]
             self.image_size = int(prep["image_size"])
+            # Older model files predate framing: the whole image.
+            self.crop = float(prep.get("crop", 1.0))
+            if not 0.0 < self.crop <= 1.0:
+                raise ValueError(f"preprocessing.crop must be in (0, 1], not {self.crop}")
             self.mean = np.asarray(prep["mean"], dtype=np.float32)
             self.std = np.asarray(prep["std"], dtype=np.float32)
             # Older model files predate the dihedral average: read as False.
@@ -103,7 +107,7 @@ class CellClassifier:
 
     def run(self, images: Sequence[np.ndarray]) -> ClassificationBatch:
         """Probabilities, residuals, OOD scores and softmax-head output for RGB crops."""
-        batch = prepare_batch(images, self.image_size)
+        batch = prepare_batch(images, self.image_size, self.crop)
         with self._lock, torch.inference_mode():
             maps, soft = extract(
                 self.cnn,
@@ -203,7 +207,9 @@ def save_pipeline(
         "classes": class_records(classes),
         "preprocessing": {
             "image_size": pipeline.config.image_size,
-            "resize": "pad to square with the border colour, then bilinear resize",
+            "crop": pipeline.config.crop,
+            "resize": "pad to square with the border colour, keep the central `crop` fraction, "
+            "then bilinear resize",
             "mean": [float(v) for v in pipeline.mean],
             "std": [float(v) for v in pipeline.std],
             "input": "RGB uint8",

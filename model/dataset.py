@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from leuk_fhir.errors import DatasetError
-from leuk_fhir.model.images import IMAGE_EXTENSIONS, decode_image, square_resize
+from leuk_fhir.model.framing import Framing, choose_crop, sample_indices
+from leuk_fhir.model.images import IMAGE_EXTENSIONS, decode_image, pad_to_square, square_resize
 
 ALL_IDB_PATTERN = re.compile(r"^Im\d+_([01])\.[A-Za-z0-9]+$")
 ALL_IDB_LABELS = {"1": "blast", "0": "normal"}
@@ -60,6 +61,7 @@ class CellDataset:
     fingerprint: str
     source: str
     duplicates: DuplicateReport = field(default_factory=DuplicateReport)
+    framing: Framing = field(default_factory=lambda: Framing(1.0, "fixed"))
 
     @property
     def y(self) -> np.ndarray:
@@ -80,6 +82,7 @@ class CellDataset:
             "duplicates_dropped": self.duplicates.count,
             "duplicate_label_conflicts": len(self.duplicates.conflicting_labels),
             "fingerprint": self.fingerprint,
+            "framing": self.framing.to_json(),
         }
 
 
@@ -179,11 +182,14 @@ def load_dataset(
     max_pixels: int,
     binary_positive: str | None = None,
     progress: bool = False,
+    crop: float | None = 1.0,
 ) -> CellDataset:
     """Read, de-duplicate, decode and resize a dataset once into memory.
 
     ``binary_positive`` relabels the dataset as ``<name>`` vs ``other`` (e.g. lymphocyte vs the
-    rest). Raises :class:`DatasetError` for fewer than two classes or an empty dataset.
+    rest). ``crop`` keeps the central fraction of each image (None: measured from a sample of
+    the images, :func:`leuk_fhir.model.framing.choose_crop`). Raises :class:`DatasetError` for
+    fewer than two classes or an empty dataset.
     """
     items = list_images(Path(source))
     items, raw, duplicates = drop_duplicates(items)
@@ -204,6 +210,13 @@ def load_dataset(
             f"{source}: found {len(items)} image(s) of {len(class_names)} class(es) {list(class_names)}; "
             "training needs at least two classes"
         )
+    if crop is None:
+        sample = sample_indices(len(items))
+        framing = choose_crop(
+            [pad_to_square(decode_image(raw[i], max_pixels, str(items[i].path))) for i in sample]
+        )
+    else:
+        framing = Framing(crop, "fixed")
     images = np.empty((len(items), image_size, image_size, 3), dtype=np.uint8)
     iterator: Iterator[int] = iter(range(len(items)))
     if progress:
@@ -212,7 +225,7 @@ def load_dataset(
         iterator = iter(tqdm(range(len(items)), desc="decoding images", unit="img"))
     for i in iterator:
         images[i] = square_resize(
-            decode_image(raw[i], max_pixels, where=str(items[i].path)), image_size
+            decode_image(raw[i], max_pixels, where=str(items[i].path)), image_size, framing.crop
         )
     fingerprint = hashlib.sha256()
     for item, data in sorted(zip(items, raw, strict=True), key=lambda t: str(t[0].path)):
@@ -227,6 +240,7 @@ def load_dataset(
         fingerprint=fingerprint.hexdigest(),
         source=str(source),
         duplicates=duplicates,
+        framing=framing,
     )
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from leuk_fhir.errors import ResourceExhaustedError
 from leuk_fhir.model.dataset import CellDataset, stratified_folds
+from leuk_fhir.model.framing import Framing
 from leuk_fhir.model.training import (
     HEADS,
     HeadOutput,
@@ -374,6 +375,7 @@ def cross_validate(
     auto). A fold's result depends on its seed and its thread count, not on which process ran
     it: the same plan gives the same report, in-process or not.
     """
+    config = replace(config, crop=dataset.framing.crop)
     splits = stratified_folds(dataset.labels, folds, seed=config.seed, groups=dataset.groups)
     y = dataset.y
     n_classes = len(dataset.class_names)
@@ -587,7 +589,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Data: `{data['source']}`: {report['images']} images, classes {data['classes']}; "
         f"{data['duplicates_dropped']} byte-identical duplicate(s) dropped; "
         f"{report['folds']}-fold {'grouped ' if report['grouped'] else ''}stratified cross-validation; "
-        f"image size {report['config']['image_size']} px, {_epochs_text(report)} epochs; "
+        f"image size {report['config']['image_size']} px, framing: "
+        f"{Framing(**data['framing']).describe() if 'framing' in data else 'whole image'}; "
+        f"{_epochs_text(report)} epochs; "
         f"{report['seconds_total']:.0f} s in total{_parallel_text(report)}.",
         "",
         "## Accuracy per head (mean +- std over folds, %)",

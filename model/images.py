@@ -97,18 +97,35 @@ def decode_image(data: bytes | Path | str, max_pixels: int, where: str | None = 
             raise InvalidImageError(f"{where}: image is corrupt or truncated ({exc})") from exc
 
 
-def square_resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Pad a crop to a square with its border colour (no distortion), then resize to ``size``."""
+def pad_to_square(image: np.ndarray) -> np.ndarray:
+    """Pad a crop to a square with its border colour (no distortion)."""
     h, w = image.shape[:2]
-    if h != w:
-        side = max(h, w)
-        border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-        fill = np.median(border, axis=0).astype(np.uint8)
-        canvas = np.empty((side, side, 3), dtype=np.uint8)
-        canvas[:] = fill
-        top, left = (side - h) // 2, (side - w) // 2
-        canvas[top : top + h, left : left + w] = image
-        image = canvas
+    if h == w:
+        return image
+    side = max(h, w)
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    fill = np.median(border, axis=0).astype(np.uint8)
+    canvas = np.empty((side, side, 3), dtype=np.uint8)
+    canvas[:] = fill
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[top : top + h, left : left + w] = image
+    return canvas
+
+
+def centre_crop(square: np.ndarray, fraction: float) -> np.ndarray:
+    """The central ``fraction`` of a square image (at least one pixel a side)."""
+    if fraction >= 1.0:
+        return square
+    side = square.shape[0]
+    keep = max(1, round(side * fraction))
+    start = (side - keep) // 2
+    return square[start : start + keep, start : start + keep]
+
+
+def square_resize(image: np.ndarray, size: int, crop: float = 1.0) -> np.ndarray:
+    """Pad a crop to a square with its border colour, keep its central ``crop`` fraction
+    (the model's framing, see :mod:`leuk_fhir.model.framing`), then resize to ``size``."""
+    image = centre_crop(pad_to_square(image), crop)
     if image.shape[0] == size:
         return np.ascontiguousarray(image)
     return np.asarray(
@@ -116,9 +133,9 @@ def square_resize(image: np.ndarray, size: int) -> np.ndarray:
     )
 
 
-def prepare_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
+def prepare_batch(images: Sequence[np.ndarray], size: int, crop: float = 1.0) -> np.ndarray:
     """RGB uint8 arrays of any size/dtype to one (n, size, size, 3) uint8 batch."""
     out = np.empty((len(images), size, size, 3), dtype=np.uint8)
     for i, image in enumerate(images):
-        out[i] = square_resize(to_rgb_uint8(image, where=f"image {i}"), size)
+        out[i] = square_resize(to_rgb_uint8(image, where=f"image {i}"), size, crop)
     return out

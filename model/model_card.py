@@ -24,6 +24,15 @@ def _stages_text(cnn: dict[str, Any]) -> str:
     return f"feature maps of the last {stages} stages (scaled to equal energy, stacked)"
 
 
+def _framing_text(prep: dict[str, Any], data: dict[str, Any]) -> str:
+    crop = float(prep.get("crop", 1.0))
+    how = data.get("framing", {}).get("method")
+    if crop >= 1.0:
+        return "the whole image kept" + (" (auto framing)" if how == "auto" else "")
+    chosen = " (measured from the training images' nuclei)" if how == "auto" else ""
+    return f"its central {crop:.0%} kept{chosen}"
+
+
 def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
     """Markdown model card for a model manifest."""
     lines = [f"# Model card: {manifest['name']} {manifest['version']}", ""]
@@ -68,8 +77,8 @@ def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
         f"- Data fingerprint (SHA-256 over file digests and labels): `{data.get('fingerprint', 'unknown')}`",
         "",
         "## Method",
-        f"- Input: RGB crop padded to a square, resized to {prep['image_size']}x{prep['image_size']} px, "
-        "normalised per channel.",
+        f"- Input: RGB crop padded to a square, {_framing_text(prep, data)}, resized to "
+        f"{prep['image_size']}x{prep['image_size']} px, normalised per channel.",
         f"- CNN: {len(manifest['cnn']['widths'])} stages of conv-BN-ReLU, widths {manifest['cnn']['widths']}, "
         f"convolutions per stage {list(stage_depths_of(manifest['cnn']))}; "
         f"{_stages_text(manifest['cnn'])} pooled to {manifest['cnn']['feature_grid']}x{manifest['cnn']['feature_grid']}; "

@@ -50,6 +50,10 @@ class TrainingConfig:
     """Everything that defines a training run (stored in the model artifact)."""
 
     image_size: int = 64
+    #: central fraction of each (squared) image kept before resizing: the dataset's framing
+    #: (:mod:`leuk_fhir.model.framing`), stored in the model file and applied to every image
+    #: it classifies; set from the dataset by ``cross_validate`` and ``train_and_save``
+    crop: float = 1.0
     #: 0 = auto: about ``TARGET_STEPS`` optimiser steps (more epochs for small datasets, fewer
     #: for large ones; 40 for a PBC training fold), see :func:`resolve_epochs`.
     epochs: int = 0

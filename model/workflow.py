@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ def train_and_save(
     """
     from leuk_fhir.model.classifier import save_pipeline
 
+    config = replace(config, crop=dataset.framing.crop)
     report = None
     metrics: dict[str, float] = {}
     if cv_folds:

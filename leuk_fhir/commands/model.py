@@ -32,6 +32,13 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
         help="side in pixels cells are resized to (default %(default)s)",
     )
     parser.add_argument(
+        "--crop",
+        default="auto",
+        metavar="auto|F",
+        help="central fraction of each image the model looks at (default auto: measured from the "
+        "images' stained nuclei, 0.65 on PBC; 1 = whole image for cells that fill their image)",
+    )
+    parser.add_argument(
         "--seed", type=int, default=_DEFAULTS["seed"], help="random seed (default %(default)s)"
     )
     parser.add_argument(
@@ -147,6 +154,7 @@ def _config(args: argparse.Namespace, settings_device: str) -> TrainingConfig:
         raise InputError(
             f"--feature-stages must be between 1 and {stages}, not {args.feature_stages}"
         )
+    _crop_request(args)
     for name in ("epochs", "image_size"):
         if getattr(args, name) < (0 if name == "epochs" else 16):
             raise InputError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
@@ -161,6 +169,17 @@ def _config(args: argparse.Namespace, settings_device: str) -> TrainingConfig:
     )
 
 
+def _crop_request(args: argparse.Namespace) -> float | None:
+    from leuk_fhir.model.framing import parse_crop
+
+    try:
+        return parse_crop(args.crop)
+    except ValueError:
+        raise InputError(
+            f"--crop must be 'auto' or a fraction in (0, 1], not {args.crop!r}"
+        ) from None
+
+
 def _load(args: argparse.Namespace, config: TrainingConfig) -> CellDataset:
     from leuk_fhir.model.dataset import load_dataset
     from leuk_fhir.settings import load_settings
@@ -173,7 +192,9 @@ def _load(args: argparse.Namespace, config: TrainingConfig) -> CellDataset:
         max_pixels=settings.image.max_pixels,
         binary_positive=args.binary_positive,
         progress=True,
+        crop=_crop_request(args),
     )
+    print(f"framing: {dataset.framing.describe()}", file=sys.stderr)
     if dataset.duplicates.count:
         print(
             f"dropped {dataset.duplicates.count} byte-identical duplicate image(s)"

@@ -41,6 +41,10 @@ def test_train_records_the_precision_it_used(trained: Path) -> None:
     manifest = read_artifact(trained).manifest
     assert manifest["training"]["config"]["precision"] == "fp32"
     assert manifest["training"]["history"]["precision"] == "float32"
+    # Synthetic cells fill their images: auto framing measures that and keeps them whole.
+    framing = manifest["training"]["data"]["framing"]
+    assert framing["method"] == "auto" and framing["extent_quantile"] > 0.85
+    assert manifest["preprocessing"]["crop"] == framing["crop"] == 1.0
 
 
 def test_train_then_predict_json(
@@ -113,7 +117,9 @@ def test_evaluate_writes_reports_for_three_heads(synthetic_folder: Path, tmp_pat
             assert set(metrics) == {"sensitivity", "specificity", "precision", "f1", "auc"}
     assert len(report["per_fold"]) == 2
     assert report["heads"]["hosvd"]["accuracy_mean"] >= 0.9
+    assert report["config"]["crop"] == report["dataset"]["framing"]["crop"] == 1.0
     markdown = (out / "report.md").read_text()
+    assert "framing: whole image" in markdown
     assert "confusion_matrix.png" in markdown and "roc.png" in markdown
     assert (out / "confusion_matrix.png").stat().st_size > 1000 and (
         out / "roc.png"
@@ -132,6 +138,9 @@ def test_bad_input_gives_one_line_and_an_exit_code(
     single.mkdir(parents=True)
     (single / "a.png").write_bytes((tmp_path / "broken.jpg").read_bytes())
     assert main(["train", str(tmp_path / "single"), "--out", str(tmp_path / "m.lfm")]) == 3
+    for crop in ("0", "1.2", "tight"):
+        assert main(["evaluate", str(tmp_path), "--out", str(tmp_path / "e"), "--crop", crop]) == 3
+        assert "--crop must be 'auto' or a fraction" in capsys.readouterr().err
     bad_model = tmp_path / "bad.lfm"
     bad_model.write_bytes(b"PK\x03\x04 truncated")
     assert main(["model-card", "--model", str(bad_model)]) == 4
