@@ -70,8 +70,8 @@ class TrainingConfig:
     precision: str = "auto"
     hosvd_cv: int = 3
     #: average feature maps and softmax output over the 8 dihedral transforms of each crop:
-    #: +0.3 (HOSVD) to +0.6 (SVM) points on PBC 8 classes (5-fold, docs/model.md) for 8x the
-    #: inference cost, so off by default (the 300 cells/s inference goal);
+    #: +0.1 (HOSVD) to +0.3 (softmax) points on framed PBC 8 classes (5-fold, docs/model.md)
+    #: for 8x the inference cost, so off by default (the 300 cells/s inference goal);
     #: `--dihedral-average` turns it on.
     dihedral_average: bool = False
 

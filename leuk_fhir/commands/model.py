@@ -72,7 +72,7 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dihedral-average",
         action="store_true",
-        help="average CNN features over the 8 flips/rotations of each cell (+0.3 to +0.6 points "
+        help="average CNN features over the 8 flips/rotations of each cell (+0.1 to +0.3 points "
         "on PBC, 8x slower inference; stored in the model file)",
     )
 
