@@ -152,12 +152,8 @@ def _ensemble(
     """Heads of ``members`` CNNs: HOSVD on their stacked maps (each member's maps scaled to unit
     RMS on the training set), the mean of their HOSVD and softmax probabilities, an SVM on the
     stacked pooled maps; member 0's own heads are kept with a ``_m0`` suffix."""
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import LinearSVC
-
     from leuk_fhir.model.hosvd import HOSVDClassifier
-    from leuk_fhir.model.training import HeadOutput, fit_pipeline, pooled
+    from leuk_fhir.model.training import HeadOutput, fit_pipeline, pooled, svm_baseline
 
     pipes = [first] + [
         fit_pipeline(
@@ -182,7 +178,7 @@ def _ensemble(
     stacked_test = np.concatenate(test_maps, axis=1)
     hosvd = HOSVDClassifier(cv=first.config.hosvd_cv, random_state=first.config.seed)
     proba = hosvd.fit(stacked_train, y).predict_proba(stacked_test)
-    svm = make_pipeline(StandardScaler(), LinearSVC(C=0.5, max_iter=5000, random_state=0))
+    svm = svm_baseline(0)
     decision = np.asarray(svm.fit(pooled(stacked_train), y).decision_function(pooled(stacked_test)))
     out = {f"{h}_m0": o for h, o in heads.items()}
     mean_hosvd, mean_soft = np.mean(hosvd_p, axis=0), np.mean(soft_p, axis=0)

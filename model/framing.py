@@ -133,7 +133,11 @@ def parse_crop(text: str) -> float | None:
     """``--crop`` value: "auto" -> None, else a fraction in (0, 1] (ValueError otherwise)."""
     if text.strip().lower() == "auto":
         return None
-    value = float(text)
+    message = f"crop must be 'auto' or a fraction in (0, 1], not {text!r}"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(message) from None
     if not 0.0 < value <= 1.0 or math.isnan(value):
-        raise ValueError(f"crop must be 'auto' or a fraction in (0, 1], not {text!r}")
+        raise ValueError(message)
     return value

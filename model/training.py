@@ -141,6 +141,15 @@ def pooled(maps: np.ndarray) -> np.ndarray:
     return maps.reshape(maps.shape[0], maps.shape[1], -1).mean(axis=2)
 
 
+def svm_baseline(seed: int) -> Any:
+    """The linear SVM baseline (standardised inputs) fitted on :func:`pooled` maps."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    return make_pipeline(StandardScaler(), LinearSVC(C=0.5, max_iter=5000, random_state=seed))
+
+
 def channel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std in [0, 1] units of (n, H, W, 3) uint8 images."""
     sample = images[:: max(1, len(images) // 512)].reshape(-1, 3).astype(np.float64) / 255.0
@@ -163,10 +172,6 @@ def fit_pipeline(
 
     ``progress`` shows a bar of epochs; ``on_epoch(epoch, loss, accuracy)`` is called after each.
     """
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import LinearSVC
-
     device = resolve_device(config.device)
     mean, std = channel_statistics(images)
     cnn_config = CNNConfig(
@@ -214,9 +219,7 @@ def fit_pipeline(
     t2 = time.perf_counter()
     svm = None
     if with_svm:
-        svm = make_pipeline(
-            StandardScaler(), LinearSVC(C=0.5, max_iter=5000, random_state=config.seed)
-        )
+        svm = svm_baseline(config.seed)
         svm.fit(pooled(maps), y)
     t3 = time.perf_counter()
     log.info(

@@ -174,10 +174,8 @@ def _crop_request(args: argparse.Namespace) -> float | None:
 
     try:
         return parse_crop(args.crop)
-    except ValueError:
-        raise InputError(
-            f"--crop must be 'auto' or a fraction in (0, 1], not {args.crop!r}"
-        ) from None
+    except ValueError as exc:
+        raise InputError(f"--{exc}") from None
 
 
 def _load(args: argparse.Namespace, config: TrainingConfig) -> CellDataset:
