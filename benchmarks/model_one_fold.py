@@ -52,6 +52,11 @@ def main() -> int:
     parser.add_argument("--fold", type=int, default=1, help="test fold, 1-5")
     parser.add_argument("--binary", action="store_true", help="lymphocyte vs the rest")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-subclasses",
+        action="store_true",
+        help="with --binary: train on the two classes only, not the cell types inside 'other'",
+    )
     args = parser.parse_args()
     data = load_dataset(
         args.data,
@@ -59,6 +64,7 @@ def main() -> int:
         max_pixels=64_000_000,
         binary_positive="lymphocyte" if args.binary else None,
         crop=args.crop,
+        subclasses=not args.no_subclasses,
     )
     train, test = stratified_folds(data.labels, 5, seed=args.seed)[args.fold - 1]
     config = TrainingConfig(
@@ -72,7 +78,14 @@ def main() -> int:
         crop=data.framing.crop,
     )
     start = time.perf_counter()
-    pipeline = fit_pipeline(data.images[train], data.y[train], data.class_names, config)
+    pipeline = fit_pipeline(
+        data.images[train],
+        data.y[train],
+        data.class_names,
+        config,
+        subclasses=data.subclasses,
+        sub_y=None if data.sub_y is None else data.sub_y[train],
+    )
     heads = pipeline.predict_heads(data.images[test])
     accuracy = {h: float(np.mean(out.predicted == data.y[test])) for h, out in heads.items()}
     result = {
@@ -85,6 +98,7 @@ def main() -> int:
         "precision": pipeline.history.precision,
         "fold": args.fold,
         "binary": args.binary,
+        "subclasses": data.subclasses is not None,
         "accuracy": accuracy,
         "seconds": {k: round(v, 1) for k, v in pipeline.seconds.items()},
         "wall_s": round(time.perf_counter() - start, 1),

@@ -75,6 +75,8 @@ class CellClassifier:
                 feature_grid=int(arch["feature_grid"]),
                 # Older model files predate stacked stages: the last stage's maps only.
                 feature_stages=int(arch.get("feature_stages", 1)),
+                # ... and sub-classes: one head output per class.
+                subclass_parents=tuple(int(c) for c in arch.get("subclass_parents", ())),
             )
             self.cnn = CellCNN(config)
             state = {k: torch.from_numpy(np.array(v)) for k, v in artifact.cnn_state.items()}
@@ -221,6 +223,10 @@ def save_pipeline(
             "stage_depths": list(pipeline.config.stage_depths),
             "feature_grid": pipeline.config.feature_grid,
             "feature_stages": pipeline.config.feature_stages,
+            "subclass_parents": list(pipeline.cnn.config.subclass_parents),
+            "subclass_names": (
+                [] if pipeline.subclasses is None else list(pipeline.subclasses.names)
+            ),
         },
         "hosvd": hosvd_meta,
         "training": training,

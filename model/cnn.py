@@ -5,7 +5,8 @@ followed by 2x2 max pooling) turn an RGB crop into feature maps. The maps of the
 ``feature_stages`` stages, each average-pooled to a ``feature_grid x feature_grid`` grid, scaled
 to equal energy and stacked along channels, are what the HOSVD classifier sees.
 A global-average-pool + linear "softmax head" is trained with the features and serves as the
-CNN's own baseline. Training runs in channels-last layout and, where the processor has native
+CNN's own baseline; when classes hold labelled sub-classes it has one output per sub-class and
+a class's probability is the sum of its sub-classes'. Training runs in channels-last layout and, where the processor has native
 bfloat16 matrix units (or on a GPU), under bfloat16 autocast; feature extraction is float32.
 """
 
@@ -34,8 +35,18 @@ class CNNConfig:
     #: how many of the last stages feed the feature maps (their maps pooled to the grid and
     #: stacked along channels); model files written before this field existed use the last one.
     feature_stages: int = 1
+    #: class of each softmax-head output when the head is trained on labelled sub-classes;
+    #: empty: one output per class (and model files written before sub-classes existed)
+    subclass_parents: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.subclass_parents and sorted(set(self.subclass_parents)) != list(
+            range(self.n_classes)
+        ):
+            raise ValueError(
+                f"subclass_parents {list(self.subclass_parents)} must name each of the "
+                f"{self.n_classes} classes at least once"
+            )
         if len(self.stage_depths) != len(self.widths) or min(self.stage_depths) < 1:
             raise ValueError(
                 f"stage_depths {self.stage_depths} must give at least one convolution for each "
@@ -46,6 +57,11 @@ class CNNConfig:
                 f"feature_stages must be between 1 and the {len(self.widths)} stages, "
                 f"not {self.feature_stages}"
             )
+
+    @property
+    def n_outputs(self) -> int:
+        """Outputs of the softmax head: one per sub-class, or one per class."""
+        return len(self.subclass_parents) or self.n_classes
 
     @property
     def feature_channels(self) -> int:
@@ -76,7 +92,11 @@ class CellCNN(nn.Module):
                 layers.append(nn.MaxPool2d(2))
         self.body = nn.Sequential(*layers)
         self.dropout = nn.Dropout(config.dropout)
-        self.head = nn.Linear(previous, config.n_classes)
+        self.head = nn.Linear(previous, config.n_outputs)
+        self._groups = [
+            [i for i, parent in enumerate(config.subclass_parents) if parent == c]
+            for c in range(config.n_classes)
+        ]
         if config.feature_stages > 1:
             # Scale of each stage's pooled maps, set from the training set after training
             # (:func:`calibrate_stage_scales`) so that no stage outweighs the others.
@@ -106,12 +126,21 @@ class CellCNN(nn.Module):
         """(n, C, g, g) feature maps: the feature stages' maps pooled to the grid, stacked."""
         return self._pooled(self._stages(x)[0])
 
+    def class_logits(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Per-class logits from the head's outputs: with sub-classes, the log-sum-exp of each
+        class's sub-class logits (so its softmax probability is the sum of theirs)."""
+        if not self.config.subclass_parents:
+            return outputs
+        return torch.stack([torch.logsumexp(outputs[:, g], dim=1) for g in self._groups], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Head outputs (per sub-class where there are sub-classes), as trained."""
         return self.head(self.dropout(self.body(x).mean(dim=(2, 3))))
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature maps and per-class logits."""
         kept, last = self._stages(x)
-        return self._pooled(kept), self.head(last.mean(dim=(2, 3)))
+        return self._pooled(kept), self.class_logits(self.head(last.mean(dim=(2, 3))))
 
 
 def calibrate_stage_scales(model: CellCNN, maps: np.ndarray) -> np.ndarray:
@@ -195,6 +224,20 @@ def augment(x: torch.Tensor, generator: torch.Generator, max_shift: float = 0.08
     return (x * brightness * stain).clamp(0.0, 1.0)
 
 
+def loss_weights(y: np.ndarray, config: CNNConfig) -> np.ndarray:
+    """Cross-entropy weight of each head output for training labels ``y`` (output indices).
+
+    Classes are balanced, so a minority class (blasts) is not drowned out. With sub-classes
+    every output weighs as its class: the kinds inside a class keep their own proportions
+    (balancing kinds instead gave a kind of 7 images 40x the weight of a common one, and a
+    class of four kinds four times the prior: measured on PBC, docs/model.md).
+    """
+    parents = np.asarray(config.subclass_parents or range(config.n_classes), dtype=np.int64)
+    counts = np.bincount(parents[y], minlength=config.n_classes).astype(np.float64)
+    class_weights = counts.sum() / (config.n_classes * np.maximum(counts, 1))
+    return class_weights[parents]
+
+
 @dataclass(frozen=True)
 class TrainingHistory:
     epochs: int
@@ -220,7 +263,8 @@ def train_cnn(
     precision: str = "auto",
 ) -> tuple[CellCNN, TrainingHistory]:
     """Train :class:`CellCNN` on (n, H, W, 3) uint8 images; deterministic for a seed on a given
-    CPU (``precision`` as in :func:`resolve_precision`)."""
+    CPU (``precision`` as in :func:`resolve_precision`). ``y`` indexes the head's outputs:
+    sub-classes where ``config.subclass_parents`` is set, else classes."""
     import time
 
     start = time.perf_counter()
@@ -238,13 +282,7 @@ def train_cnn(
     )
     m = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    # Class-balanced loss weights, so a minority class (blasts) is not drowned out.
-    counts = np.bincount(y, minlength=config.n_classes).astype(np.float64)
-    weights = torch.as_tensor(
-        counts.sum() / (config.n_classes * np.maximum(counts, 1)),
-        dtype=torch.float32,
-        device=device,
-    )
+    weights = torch.as_tensor(loss_weights(y, config), dtype=torch.float32, device=device)
     targets_all = torch.as_tensor(y, dtype=torch.long)
     losses: list[float] = []
     accuracies: list[float] = []

@@ -4,8 +4,14 @@ Three layouts are read:
 
 * a folder of class sub-folders (``DATA/<class>/*.png``);
 * the ALL-IDB naming, ``ImNNN_1.*`` = blast and ``ImNNN_0.*`` = healthy, in one folder;
-* a CSV manifest ``path,label[,group]`` (header optional; paths relative to the CSV), where a
-  group (patient / subject) never straddles a split.
+* a CSV manifest ``path,label[,group[,subclass]]`` (header optional; paths relative to the
+  CSV), where a group (patient / subject) never straddles a split.
+
+Sub-classes are labelled kinds of cell inside a class (the seven cell types inside "other" in
+lymphocyte vs the rest): the CSV's fourth column, the first sub-folder level inside each class
+folder (``subclass_folders``, opt-in, since sub-folders often hold patients instead), a pattern
+on file names (``subclass_pattern``), or the original classes merged by ``binary_positive``.
+The model trains on them and reports classes.
 
 Byte-identical files are found by SHA-256 and dropped before splitting (and reported).
 """
@@ -17,7 +23,7 @@ import hashlib
 import re
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +41,24 @@ class LabelledImage:
     path: Path
     label: str
     group: str | None = None
+    subclass: str | None = None
+
+
+@dataclass(frozen=True)
+class Subclasses:
+    """Labelled kinds of cell inside classes: kind ``names[i]`` belongs to class
+    ``parents[i]`` (an index into the dataset's ``class_names``); a class without labelled
+    kinds is its own single kind."""
+
+    names: tuple[str, ...]
+    parents: tuple[int, ...]
+
+    def to_json(self, class_names: tuple[str, ...]) -> dict[str, list[str]]:
+        """Class name -> the names of its kinds."""
+        out: dict[str, list[str]] = {c: [] for c in class_names}
+        for name, parent in zip(self.names, self.parents, strict=True):
+            out[class_names[parent]].append(name)
+        return out
 
 
 @dataclass(frozen=True)
@@ -62,6 +86,9 @@ class CellDataset:
     source: str
     duplicates: DuplicateReport = field(default_factory=DuplicateReport)
     framing: Framing = field(default_factory=lambda: Framing(1.0, "fixed"))
+    #: labelled kinds of cell inside the classes, and each image's (an index into its names)
+    subclasses: Subclasses | None = None
+    sub_y: np.ndarray | None = None
 
     @property
     def y(self) -> np.ndarray:
@@ -83,6 +110,9 @@ class CellDataset:
             "duplicate_label_conflicts": len(self.duplicates.conflicting_labels),
             "fingerprint": self.fingerprint,
             "framing": self.framing.to_json(),
+            "subclasses": (
+                None if self.subclasses is None else self.subclasses.to_json(self.class_names)
+            ),
         }
 
 
@@ -92,15 +122,18 @@ def _is_image(path: Path) -> bool:
     )
 
 
-def list_images(source: Path) -> list[LabelledImage]:
-    """Find labelled images in a class-folder tree, an ALL-IDB folder or a CSV manifest."""
+def list_images(source: Path, subclass_folders: bool = False) -> list[LabelledImage]:
+    """Find labelled images in a class-folder tree, an ALL-IDB folder or a CSV manifest.
+
+    With ``subclass_folders`` the first sub-folder inside a class folder names the image's
+    sub-class (``DATA/other/basophil/x.jpg``); otherwise sub-folders are just searched."""
     source = Path(source)
     if not source.exists():
         raise DatasetError(f"{source}: no such file or folder")
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise DatasetError(
-                f"{source}: expected a folder or a CSV manifest (path,label[,group])"
+                f"{source}: expected a folder or a CSV manifest (path,label[,group[,subclass]])"
             )
         return _read_manifest(source)
     files = sorted(p for p in source.iterdir() if _is_image(p))
@@ -123,8 +156,18 @@ def list_images(source: Path) -> list[LabelledImage]:
             raise DatasetError(
                 f"class folder {folder} contains no images", hint="remove it or add images"
             )
-        items += [LabelledImage(p, folder.name) for p in found]
+        items += [
+            LabelledImage(
+                p, folder.name, subclass=_first_subfolder(folder, p) if subclass_folders else None
+            )
+            for p in found
+        ]
     return items
+
+
+def _first_subfolder(folder: Path, path: Path) -> str | None:
+    parts = path.relative_to(folder).parts
+    return parts[0] if len(parts) > 1 else None
 
 
 def _read_manifest(path: Path) -> list[LabelledImage]:
@@ -135,13 +178,16 @@ def _read_manifest(path: Path) -> list[LabelledImage]:
         rows = rows[1:]
     for number, row in enumerate(rows, start=1):
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
-            raise DatasetError(f"{path}: row {number} must be path,label[,group], got {row!r}")
+            raise DatasetError(
+                f"{path}: row {number} must be path,label[,group[,subclass]], got {row!r}"
+            )
         image = Path(row[0].strip())
         image = image if image.is_absolute() else path.parent / image
         if not image.is_file():
             raise DatasetError(f"{path}: row {number}: image {image} does not exist")
         group = row[2].strip() if len(row) > 2 and row[2].strip() else None
-        items.append(LabelledImage(image, row[1].strip(), group))
+        subclass = row[3].strip() if len(row) > 3 and row[3].strip() else None
+        items.append(LabelledImage(image, row[1].strip(), group, subclass))
     if not items:
         raise DatasetError(f"{path}: manifest lists no images")
     if any(i.group is None for i in items) and any(i.group is not None for i in items):
@@ -183,15 +229,24 @@ def load_dataset(
     binary_positive: str | None = None,
     progress: bool = False,
     crop: float | None = 1.0,
+    subclass_folders: bool = False,
+    subclasses: bool = True,
+    subclass_pattern: str | None = None,
 ) -> CellDataset:
     """Read, de-duplicate, decode and resize a dataset once into memory.
 
-    ``binary_positive`` relabels the dataset as ``<name>`` vs ``other`` (e.g. lymphocyte vs the
-    rest). ``crop`` keeps the central fraction of each image (None: measured from a sample of
-    the images, :func:`leuk_fhir.model.framing.choose_crop`). Raises :class:`DatasetError` for
-    fewer than two classes or an empty dataset.
+    Sub-classes (kinds of cell inside a class) come from a manifest's fourth column, from
+    ``subclass_folders``, from ``subclass_pattern`` (a regular expression searched in each
+    file name: its first group, or the whole match, names the kind) and from
+    ``binary_positive``, which relabels the dataset as ``<name>`` vs ``other`` (e.g.
+    lymphocyte vs the rest) and keeps the merged classes as kinds of ``other``. ``subclasses``
+    False ignores them all. ``crop`` keeps the central fraction of each image (None: measured
+    from a sample of the images, :func:`leuk_fhir.model.framing.choose_crop`). Raises
+    :class:`DatasetError` for fewer than two classes or an empty dataset.
     """
-    items = list_images(Path(source))
+    items = list_images(Path(source), subclass_folders=subclass_folders)
+    if subclass_pattern is not None:
+        items = _kinds_from_names(items, subclass_pattern)
     items, raw, duplicates = drop_duplicates(items)
     if binary_positive is not None:
         names = {i.label for i in items}
@@ -200,9 +255,17 @@ def load_dataset(
                 f"--binary-positive {binary_positive!r} is not a class of {source} ({sorted(names)})"
             )
         items = [
-            LabelledImage(i.path, i.label if i.label == binary_positive else "other", i.group)
+            i
+            if i.label == binary_positive
+            else replace(
+                i,
+                label="other",
+                subclass=i.label if i.subclass is None else f"{i.label}/{i.subclass}",
+            )
             for i in items
         ]
+    if not subclasses:
+        items = [replace(i, subclass=None) for i in items]
     labels = np.array([i.label for i in items])
     class_names = tuple(sorted(set(labels.tolist())))
     if len(class_names) < 2:
@@ -230,7 +293,10 @@ def load_dataset(
     fingerprint = hashlib.sha256()
     for item, data in sorted(zip(items, raw, strict=True), key=lambda t: str(t[0].path)):
         fingerprint.update(hashlib.sha256(data).digest() + item.label.encode() + b"\0")
+        if item.subclass is not None:
+            fingerprint.update(item.subclass.encode() + b"\0")
     groups = None if items[0].group is None else np.array([i.group for i in items])
+    table, sub_y = _subclass_table(items, class_names)
     return CellDataset(
         images=images,
         labels=labels,
@@ -241,7 +307,40 @@ def load_dataset(
         source=str(source),
         duplicates=duplicates,
         framing=framing,
+        subclasses=table,
+        sub_y=sub_y,
     )
+
+
+def _kinds_from_names(items: list[LabelledImage], pattern: str) -> list[LabelledImage]:
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise DatasetError(
+            f"--subclass-pattern {pattern!r} is not a regular expression: {exc}"
+        ) from None
+    out = []
+    for item in items:
+        match = regex.search(item.path.name)
+        kind = None if match is None else (match.group(1) if regex.groups else match.group(0))
+        out.append(replace(item, subclass=kind or item.subclass))
+    return out
+
+
+def _subclass_table(
+    items: list[LabelledImage], class_names: tuple[str, ...]
+) -> tuple[Subclasses | None, np.ndarray | None]:
+    """Sub-class names and each image's sub-class index; (None, None) when no class has more
+    than one kind (an image without a sub-class label is its class's own kind)."""
+    kinds = [(i.label, i.subclass or i.label) for i in items]
+    table = sorted(set(kinds))
+    if len(table) == len(class_names):
+        return None, None
+    index = {k: n for n, k in enumerate(table)}
+    subclasses = Subclasses(
+        tuple(kind for _, kind in table), tuple(class_names.index(c) for c, _ in table)
+    )
+    return subclasses, np.array([index[k] for k in kinds], dtype=np.int64)
 
 
 def stratified_folds(

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from leuk_fhir.errors import ResourceExhaustedError
-from leuk_fhir.model.dataset import CellDataset, stratified_folds
+from leuk_fhir.model.dataset import CellDataset, Subclasses, stratified_folds
 from leuk_fhir.model.framing import Framing
 from leuk_fhir.model.training import (
     HEADS,
@@ -157,6 +157,8 @@ def _run_fold(
     config: TrainingConfig,
     progress: bool = False,
     on_epoch: Callable[[int, float, float], None] | None = None,
+    subclasses: Subclasses | None = None,
+    sub_y: np.ndarray | None = None,
 ) -> _FoldOutcome:
     """Fit the pipeline on one fold's training part and score every head on its test part."""
     t0 = time.perf_counter()
@@ -168,6 +170,8 @@ def _run_fold(
         progress=progress,
         description=f"fold {index + 1}/{n_folds} CNN",
         on_epoch=on_epoch,
+        subclasses=subclasses,
+        sub_y=None if sub_y is None else sub_y[train],
     )
     t1 = time.perf_counter()
     maps, soft = pipeline.features(images[test])
@@ -227,11 +231,25 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(
-    images: np.ndarray, y: np.ndarray, class_names: tuple[str, ...], threads: int, events: Any
+    images: np.ndarray,
+    y: np.ndarray,
+    class_names: tuple[str, ...],
+    subclasses: Subclasses | None,
+    sub_y: np.ndarray | None,
+    threads: int,
+    events: Any,
 ) -> None:
     limit = _thread_limit(threads)
     limit.__enter__()  # for the life of the worker
-    _WORKER.update(images=images, y=y, class_names=class_names, events=events, limit=limit)
+    _WORKER.update(
+        images=images,
+        y=y,
+        class_names=class_names,
+        subclasses=subclasses,
+        sub_y=sub_y,
+        events=events,
+        limit=limit,
+    )
 
 
 def _worker_fold(
@@ -252,6 +270,8 @@ def _worker_fold(
         test,
         config,
         on_epoch=on_epoch,
+        subclasses=_WORKER["subclasses"],
+        sub_y=_WORKER["sub_y"],
     )
     return index, outcome
 
@@ -286,7 +306,15 @@ def _run_parallel(
         plan.workers,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(dataset.images, dataset.y, dataset.class_names, plan.threads, events),
+        initargs=(
+            dataset.images,
+            dataset.y,
+            dataset.class_names,
+            dataset.subclasses,
+            dataset.sub_y,
+            plan.threads,
+            events,
+        ),
     )
     try:
         pending = {
@@ -410,6 +438,8 @@ def cross_validate(
                     test,
                     config,
                     progress=progress,
+                    subclasses=dataset.subclasses,
+                    sub_y=dataset.sub_y,
                 )
                 outcomes.append(outcome)
                 if bar is not None:
@@ -581,6 +611,16 @@ def _parallel_text(report: dict[str, Any]) -> str:
     return f" ({plan['workers']} folds at a time{threads})"
 
 
+def _subclasses_text(subclasses: dict[str, list[str]] | None) -> str:
+    if not subclasses:
+        return ""
+    kinds = "; ".join(f"{c}: {', '.join(k)}" for c, k in subclasses.items() if len(k) > 1)
+    return (
+        f" Trained on the labelled kinds of cell inside the classes ({kinds}); every head "
+        "answers with the classes, and all figures are for the classes."
+    )
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     data = report["dataset"]
     lines = [
@@ -592,7 +632,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"image size {report['config']['image_size']} px, framing: "
         f"{Framing(**data['framing']).describe() if 'framing' in data else 'whole image'}; "
         f"{_epochs_text(report)} epochs; "
-        f"{report['seconds_total']:.0f} s in total{_parallel_text(report)}.",
+        f"{report['seconds_total']:.0f} s in total{_parallel_text(report)}."
+        + _subclasses_text(data.get("subclasses")),
         "",
         "## Accuracy per head (mean +- std over folds, %)",
         "",
@@ -633,7 +674,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {f['fold']} | "
             + " | ".join(_fmt(f["heads"][h]["accuracy"]) for h in report["heads"])
-            + f" | ({sel['channel_rank']}, {sel['position_rank']}) / {sel['n_basis']} / {sel['n_subspaces']} | {f['seconds_train']:.0f} |"
+            + f" | ({sel['channel_rank']}, {sel['position_rank']}) / {sel['n_basis']} / {sel['n_subspaces'] or 'labelled'} | {f['seconds_train']:.0f} |"
         )
     lines += [
         "",

@@ -13,7 +13,8 @@ of that class. A test tensor ``D`` is projected on each class basis and goes to 
 with the smallest relative residual ``||D - P_c D||_F / ||D||_F`` (B. Savas and L. Eldén,
 "Handwritten digit classification using higher order singular value decomposition",
 Pattern Recognition 40(3):993-1003, 2007). A class may hold several subspaces (k-means
-sub-classes); its residual is then the smallest over them.
+sub-classes, or labelled ones: the kinds of cell inside a class such as "other"); its residual
+is then the smallest over them.
 
 The mathematics are plain functions written against tensorly; :class:`HOSVDClassifier` is a
 thin scikit-learn-style estimator that picks ranks, basis size and sub-classes by inner
@@ -157,6 +158,13 @@ def _orthonormal_columns(matrix: np.ndarray) -> np.ndarray:
     return q * np.where(np.diag(r) < 0, -1.0, 1.0)[None, :]
 
 
+def _labelled_groups(members: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
+    """One class's samples split by their sub-class labels (groups of at least two samples;
+    the whole class when no label has two)."""
+    groups = [members[labels == value] for value in np.unique(labels)]
+    return [g for g in groups if len(g) >= 2] or [members]
+
+
 def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -186,6 +194,9 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
     set) or fixed values: ``channel_rank`` / ``position_rank`` truncate modes 1 and 2 (an int,
     or a float in (0, 1] read as a fraction of the mode size), ``n_basis`` is the number of
     core slices per subspace, ``n_subspaces`` the number of k-means sub-classes per class.
+    ``fit(X, y, subclasses=s)`` gives each labelled sub-class its own subspace instead
+    (``n_subspaces_`` is then 0); residuals, probabilities and the out-of-distribution rule
+    stay per class.
     ``ood_quantile`` and ``ood_margin`` set the out-of-distribution rule: a sample is out of
     distribution when its residual to the nearest class exceeds ``margin x quantile`` of the
     held-out nearest-class residuals (at least 0.01), or its feature-map energy lies outside
@@ -250,11 +261,19 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
         rank_pairs: list[tuple[int, int]],
         n_sub: int,
         k_max: int,
+        labelled: np.ndarray | None = None,
     ) -> dict[tuple[int, int], list[tuple[int, SubspaceBasis]]]:
-        """Subspaces of every class for each (r1, r2); mode factors computed once per group."""
+        """Subspaces of every class for each (r1, r2); mode factors computed once per group.
+        With ``labelled`` (a sub-class label per sample) each labelled sub-class gets one."""
         out: dict[tuple[int, int], list[tuple[int, SubspaceBasis]]] = {p: [] for p in rank_pairs}
         for c in range(len(self.classes_)):
-            for group in self._subclasses(x[y_index == c], n_sub):
+            members = y_index == c
+            groups = (
+                self._subclasses(x[members], n_sub)
+                if labelled is None
+                else _labelled_groups(x[members], labelled[members])
+            )
+            for group in groups:
                 tensor, u, v = hosvd_factors(group)
                 for r1, r2 in rank_pairs:
                     out[(r1, r2)].append((c, basis_from_factors(tensor, u, v, r1, r2, k_max)))
@@ -282,12 +301,21 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
                 out[i, :, c] = np.minimum(out[i, :, c], cum[:, min(k, cum.shape[1]) - 1])
         return out
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> HOSVDClassifier:
-        """Fit class bases; choose hyper-parameters by inner CV; calibrate on held-out residuals."""
+    def fit(
+        self, X: np.ndarray, y: np.ndarray, subclasses: np.ndarray | None = None
+    ) -> HOSVDClassifier:
+        """Fit class bases; choose hyper-parameters by inner CV; calibrate on held-out residuals.
+
+        ``subclasses`` (optional, one label per sample) names the kind of cell inside its class:
+        each labelled sub-class gets its own subspace and k-means sub-classes are not tried.
+        """
         x = as_feature_tensor(X)
         y = np.asarray(y)
         if len(x) != len(y):
             raise ValueError(f"X has {len(x)} samples but y has {len(y)} labels")
+        labelled = None if subclasses is None else np.asarray(subclasses)
+        if labelled is not None and len(labelled) != len(y):
+            raise ValueError(f"{len(labelled)} sub-class labels for {len(y)} samples")
         if not np.all(np.isfinite(x)):
             raise ValueError("feature tensors contain NaN or infinite values")
         self.classes_, y_index = np.unique(y, return_inverse=True)
@@ -296,6 +324,8 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
         self.n_features_in_ = int(np.prod(x.shape[1:]))
         self.feature_shape_ = tuple(int(s) for s in x.shape[1:])
         grid = self._grid(x.shape[1], x.shape[2])
+        if labelled is not None:
+            grid = sorted({(r1, r2, 0) for r1, r2, _ in grid})
         sizes = self._basis_sizes()
         min_count = int(np.bincount(y_index).min())
         n_folds = int(min(self.cv, min_count))
@@ -308,7 +338,14 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
         pairs = sorted({(r1, r2) for r1, r2, _ in grid})
         for train, test in folds.split(x, y_index):
             for n_sub in sorted({s for _, _, s in grid}):
-                fitted = self._fit_subspaces(x[train], y_index[train], pairs, n_sub, max(sizes))
+                fitted = self._fit_subspaces(
+                    x[train],
+                    y_index[train],
+                    pairs,
+                    n_sub,
+                    max(sizes),
+                    None if labelled is None else labelled[train],
+                )
                 for g, (r1, r2, s) in enumerate(grid):
                     if s != n_sub:
                         continue
@@ -368,9 +405,9 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
                 np.quantile(norms, self.ood_quantile) * self.ood_margin,
             ]
         )
-        self.subspaces_ = self._fit_subspaces(x, y_index, [(r1, r2)], n_sub, self.n_basis_)[
-            (r1, r2)
-        ]
+        self.subspaces_ = self._fit_subspaces(
+            x, y_index, [(r1, r2)], n_sub, self.n_basis_, labelled
+        )[(r1, r2)]
         return self
 
     # -- prediction ---------------------------------------------------------------------------

@@ -33,6 +33,16 @@ def _framing_text(prep: dict[str, Any], data: dict[str, Any]) -> str:
     return f"its central {crop:.0%} kept{chosen}"
 
 
+def _subspaces_text(n_subspaces: int, cnn: dict[str, Any]) -> str:
+    names = cnn.get("subclass_names") or []
+    if not n_subspaces and names:
+        return (
+            f"one subspace per labelled kind of cell ({', '.join(names)}; the softmax head is "
+            "trained on the same kinds), a class's residual the smallest of its kinds'"
+        )
+    return f"{n_subspaces} sub-class subspace(s) per class"
+
+
 def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
     """Markdown model card for a model manifest."""
     lines = [f"# Model card: {manifest['name']} {manifest['version']}", ""]
@@ -85,7 +95,7 @@ def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
         "trained with flips, 90-degree rotations, shifts and stain/colour jitter.",
         f"- HOSVD classifier (Savas & Elden 2007): per class HOSVD of the channels x positions x samples "
         f"tensor, ranks ({hosvd['channel_rank']}, {hosvd['position_rank']}), {hosvd['n_basis']} basis "
-        f"images, {hosvd['n_subspaces']} sub-class subspace(s) per class, chosen by inner "
+        f"images, {_subspaces_text(hosvd['n_subspaces'], manifest['cnn'])}, chosen by inner "
         f"cross-validation (inner accuracy {_pct(hosvd.get('cv_accuracy'))}); probabilities by a "
         f"temperature ({hosvd['temperature']:.4g}) fitted on held-out residuals.",
         "- Out of distribution: `indeterminate` when the relative residual to the nearest class "

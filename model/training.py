@@ -2,7 +2,9 @@
 
 The three heads share the CNN of a run: ``hosvd`` (the method), ``softmax`` (the CNN's own
 linear head) and ``svm`` (a linear SVM on globally pooled feature maps), so a report compares
-like with like.
+like with like. Where classes hold labelled sub-classes (kinds of cell), every head is trained
+on the kinds and answers with classes: the HOSVD head gives each kind a subspace, the softmax
+head sums its kinds' probabilities, the SVM takes its best kind's score.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from leuk_fhir.model.cnn import (
     resolve_device,
     train_cnn,
 )
+from leuk_fhir.model.dataset import Subclasses
 from leuk_fhir.model.hosvd import HOSVDClassifier
 
 log = logging.getLogger(__name__)
@@ -101,6 +104,8 @@ class FittedPipeline:
     svm: Any | None
     history: TrainingHistory
     seconds: dict[str, float] = field(default_factory=dict)
+    #: the kinds of cell the heads were trained on, when classes hold several
+    subclasses: Subclasses | None = None
 
     @property
     def device(self) -> torch.device:
@@ -132,6 +137,13 @@ class FittedPipeline:
             decision = np.asarray(self.svm.decision_function(pooled(maps)))
             if decision.ndim == 1:
                 decision = np.stack([-decision, decision], axis=1)
+            if self.subclasses is not None:
+                # columns follow the kinds the SVM saw in training
+                parents = np.asarray(self.subclasses.parents)[np.asarray(self.svm.classes_)]
+                decision = np.stack(
+                    [decision[:, parents == c].max(axis=1) for c in range(len(self.class_names))],
+                    axis=1,
+                )
             out["svm"] = HeadOutput(decision.argmax(1), decision)
         return out
 
@@ -167,15 +179,28 @@ def fit_pipeline(
     progress: bool = False,
     description: str = "training CNN",
     on_epoch: Callable[[int, float, float], None] | None = None,
+    subclasses: Subclasses | None = None,
+    sub_y: np.ndarray | None = None,
 ) -> FittedPipeline:
     """Train the CNN, extract feature maps, fit the HOSVD head (and the SVM baseline).
 
     ``progress`` shows a bar of epochs; ``on_epoch(epoch, loss, accuracy)`` is called after each.
+    With ``subclasses`` and ``sub_y`` (each image's kind) the heads learn the kinds and answer
+    with classes.
     """
+    if (subclasses is None) != (sub_y is None):
+        raise ValueError("give both subclasses and sub_y, or neither")
+    if (
+        subclasses is not None
+        and sub_y is not None
+        and not np.array_equal(np.asarray(subclasses.parents)[sub_y], y)
+    ):
+        raise ValueError("sub_y does not agree with y: a kind outside its image's class")
     device = resolve_device(config.device)
     mean, std = channel_statistics(images)
     cnn_config = CNNConfig(
         n_classes=len(class_names),
+        subclass_parents=() if subclasses is None else subclasses.parents,
         widths=config.widths,
         stage_depths=config.stage_depths,
         feature_grid=config.feature_grid,
@@ -197,7 +222,7 @@ def fit_pipeline(
 
     cnn, history = train_cnn(
         images,
-        y,
+        y if sub_y is None else sub_y,
         cnn_config,
         mean,
         std,
@@ -215,12 +240,14 @@ def fit_pipeline(
     maps, _ = extract(cnn, images, mean, std, device, dihedral=config.dihedral_average)
     maps = calibrate_stage_scales(cnn, maps)
     t1 = time.perf_counter()
-    hosvd = HOSVDClassifier(cv=config.hosvd_cv, random_state=config.seed).fit(maps, y)
+    hosvd = HOSVDClassifier(cv=config.hosvd_cv, random_state=config.seed).fit(
+        maps, y, subclasses=sub_y
+    )
     t2 = time.perf_counter()
     svm = None
     if with_svm:
         svm = svm_baseline(config.seed)
-        svm.fit(pooled(maps), y)
+        svm.fit(pooled(maps), y if sub_y is None else sub_y)
     t3 = time.perf_counter()
     log.info(
         "HOSVD: ranks (%d, %d), %d basis images, %d sub-classes, inner-CV accuracy %.4f",
@@ -240,4 +267,5 @@ def fit_pipeline(
         svm=svm,
         history=history,
         seconds={"cnn": history.seconds, "extract": t1 - t0, "hosvd": t2 - t1, "svm": t3 - t2},
+        subclasses=subclasses,
     )

@@ -66,7 +66,14 @@ def train_and_save(
         report = cross_validate(dataset, cv_folds, config, progress=progress, workers=cv_workers)
         metrics = flat_metrics(report)
     pipeline = fit_pipeline(
-        dataset.images, dataset.y, dataset.class_names, config, with_svm=False, progress=progress
+        dataset.images,
+        dataset.y,
+        dataset.class_names,
+        config,
+        with_svm=False,
+        progress=progress,
+        subclasses=dataset.subclasses,
+        sub_y=dataset.sub_y,
     )
     metrics["train_images"] = float(len(dataset.labels))
     metrics["hosvd_inner_cv_accuracy"] = float(pipeline.hosvd.cv_accuracy_)

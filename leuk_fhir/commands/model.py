@@ -44,7 +44,27 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--binary-positive",
         metavar="CLASS",
-        help="relabel the data as CLASS vs 'other' (e.g. lymphocyte vs the rest)",
+        help="relabel the data as CLASS vs 'other' (e.g. lymphocyte vs the rest); the merged "
+        "classes stay known as kinds of cell inside 'other', which the model trains on",
+    )
+    parser.add_argument(
+        "--subclass-folders",
+        action="store_true",
+        help="the folders inside each class folder are kinds of cell (sub-classes) of that "
+        "class: the model trains on them and answers with the class",
+    )
+    parser.add_argument(
+        "--subclass-pattern",
+        metavar="REGEX",
+        help="a regular expression searched in each file name: its first group (or the whole "
+        "match) names the image's kind of cell inside its class, e.g. '^([A-Z]+)_' for PBC's "
+        "MMY_123.jpg",
+    )
+    parser.add_argument(
+        "--no-subclasses",
+        action="store_true",
+        help="train on the classes only, ignoring kinds of cell inside them (from "
+        "--binary-positive, --subclass-folders or a manifest's subclass column)",
     )
     parser.add_argument("--device", default=None, help="torch device: auto (default), cpu, cuda")
     parser.add_argument(
@@ -191,6 +211,9 @@ def _load(args: argparse.Namespace, config: TrainingConfig) -> CellDataset:
         binary_positive=args.binary_positive,
         progress=True,
         crop=_crop_request(args),
+        subclass_folders=args.subclass_folders,
+        subclass_pattern=args.subclass_pattern,
+        subclasses=not args.no_subclasses,
     )
     print(f"framing: {dataset.framing.describe()}", file=sys.stderr)
     if dataset.duplicates.count:
