@@ -146,10 +146,25 @@ class _FoldOutcome:
     indeterminate: np.ndarray
 
 
+@dataclass(frozen=True)
+class _FoldData:
+    """What every fold trains and tests on (sent once to each worker process)."""
+
+    images: np.ndarray
+    y: np.ndarray
+    class_names: tuple[str, ...]
+    subclasses: Subclasses | None
+    sub_y: np.ndarray | None
+
+    @classmethod
+    def of(cls, dataset: CellDataset) -> _FoldData:
+        return cls(
+            dataset.images, dataset.y, dataset.class_names, dataset.subclasses, dataset.sub_y
+        )
+
+
 def _run_fold(
-    images: np.ndarray,
-    y: np.ndarray,
-    class_names: tuple[str, ...],
+    data: _FoldData,
     index: int,
     n_folds: int,
     train: np.ndarray,
@@ -157,10 +172,9 @@ def _run_fold(
     config: TrainingConfig,
     progress: bool = False,
     on_epoch: Callable[[int, float, float], None] | None = None,
-    subclasses: Subclasses | None = None,
-    sub_y: np.ndarray | None = None,
 ) -> _FoldOutcome:
     """Fit the pipeline on one fold's training part and score every head on its test part."""
+    images, y, class_names = data.images, data.y, data.class_names
     t0 = time.perf_counter()
     pipeline = fit_pipeline(
         images[train],
@@ -170,8 +184,8 @@ def _run_fold(
         progress=progress,
         description=f"fold {index + 1}/{n_folds} CNN",
         on_epoch=on_epoch,
-        subclasses=subclasses,
-        sub_y=None if sub_y is None else sub_y[train],
+        subclasses=data.subclasses,
+        sub_y=None if data.sub_y is None else data.sub_y[train],
     )
     t1 = time.perf_counter()
     maps, soft = pipeline.features(images[test])
@@ -230,26 +244,10 @@ def _thread_limit(threads: int) -> Iterator[None]:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(
-    images: np.ndarray,
-    y: np.ndarray,
-    class_names: tuple[str, ...],
-    subclasses: Subclasses | None,
-    sub_y: np.ndarray | None,
-    threads: int,
-    events: Any,
-) -> None:
+def _init_worker(data: _FoldData, threads: int, events: Any) -> None:
     limit = _thread_limit(threads)
     limit.__enter__()  # for the life of the worker
-    _WORKER.update(
-        images=images,
-        y=y,
-        class_names=class_names,
-        subclasses=subclasses,
-        sub_y=sub_y,
-        events=events,
-        limit=limit,
-    )
+    _WORKER.update(data=data, events=events, limit=limit)
 
 
 def _worker_fold(
@@ -260,19 +258,7 @@ def _worker_fold(
     def on_epoch(epoch: int, loss: float, accuracy: float) -> None:
         events.put((index, epoch))
 
-    outcome = _run_fold(
-        _WORKER["images"],
-        _WORKER["y"],
-        _WORKER["class_names"],
-        index,
-        n_folds,
-        train,
-        test,
-        config,
-        on_epoch=on_epoch,
-        subclasses=_WORKER["subclasses"],
-        sub_y=_WORKER["sub_y"],
-    )
+    outcome = _run_fold(_WORKER["data"], index, n_folds, train, test, config, on_epoch=on_epoch)
     return index, outcome
 
 
@@ -306,15 +292,7 @@ def _run_parallel(
         plan.workers,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(
-            dataset.images,
-            dataset.y,
-            dataset.class_names,
-            dataset.subclasses,
-            dataset.sub_y,
-            plan.threads,
-            events,
-        ),
+        initargs=(_FoldData.of(dataset), plan.threads, events),
     )
     try:
         pending = {
@@ -426,21 +404,10 @@ def cross_validate(
             from tqdm import tqdm
 
             bar = tqdm(total=len(splits), desc="cross-validation", unit="fold")
+        data = _FoldData.of(dataset)
         with _thread_limit(plan.threads):
             for i, (train, test) in enumerate(splits):
-                outcome = _run_fold(
-                    dataset.images,
-                    y,
-                    dataset.class_names,
-                    i,
-                    len(splits),
-                    train,
-                    test,
-                    config,
-                    progress=progress,
-                    subclasses=dataset.subclasses,
-                    sub_y=dataset.sub_y,
-                )
+                outcome = _run_fold(data, i, len(splits), train, test, config, progress=progress)
                 outcomes.append(outcome)
                 if bar is not None:
                     bar.set_postfix(
