@@ -6,8 +6,9 @@ followed by 2x2 max pooling) turn an RGB crop into feature maps. The maps of the
 to equal energy and stacked along channels, are what the HOSVD classifier sees.
 A global-average-pool + linear "softmax head" is trained with the features and serves as the
 CNN's own baseline; when classes hold labelled sub-classes it has one output per sub-class and
-a class's probability is the sum of its sub-classes'. Training runs in channels-last layout and, where the processor has native
-bfloat16 matrix units (or on a GPU), under bfloat16 autocast; feature extraction is float32.
+a class's probability is the sum of its sub-classes'. Training runs in channels-last layout
+and, where the processor has native bfloat16 matrix units (or on a GPU), under bfloat16
+autocast; feature extraction is float32.
 """
 
 from __future__ import annotations
