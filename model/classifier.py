@@ -30,7 +30,7 @@ from leuk_fhir.model.artifact import (
     write_artifact,
 )
 from leuk_fhir.model.classes import cell_class_for
-from leuk_fhir.model.cnn import CellCNN, CNNConfig, extract, resolve_device
+from leuk_fhir.model.cnn import CellCNN, CNNConfig, extract, fuse_batch_norm, resolve_device
 from leuk_fhir.model.hosvd import HOSVDClassifier, feature_norms
 from leuk_fhir.model.images import prepare_batch
 from leuk_fhir.model.training import FittedPipeline
@@ -82,6 +82,8 @@ class CellClassifier:
             state = {k: torch.from_numpy(np.array(v)) for k, v in artifact.cnn_state.items()}
             self.cnn.load_state_dict(state, strict=True)
             self.cnn.to(self.device).to(memory_format=torch.channels_last).eval()
+            # batch norms folded into the convolutions once, not on every call
+            self.cnn = fuse_batch_norm(self.cnn)
             self.hosvd = HOSVDClassifier.from_state(manifest["hosvd"], artifact.hosvd_arrays)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ModelArtifactError(

@@ -8,11 +8,12 @@ A global-average-pool + linear "softmax head" is trained with the features and s
 CNN's own baseline; when classes hold labelled sub-classes it has one output per sub-class and
 a class's probability is the sum of its sub-classes'. Training runs in channels-last layout
 and, where the processor has native bfloat16 matrix units (or on a GPU), under bfloat16
-autocast; feature extraction is float32.
+autocast; feature extraction is float32, with each batch norm folded into its convolution.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -163,6 +164,25 @@ def calibrate_stage_scales(model: CellCNN, maps: np.ndarray) -> np.ndarray:
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         out[:, a:b] *= scales[i]
     return out
+
+
+def fuse_batch_norm(model: CellCNN) -> CellCNN:
+    """An inference copy of ``model`` with every batch norm folded into the convolution before
+    it (the same outputs to float rounding, about 30% faster on a CPU); ``model`` is untouched.
+    The copy is for inference only: its batch-norm layers are gone."""
+    fused = copy.deepcopy(model).eval()
+    body = fused.body
+    for i in range(len(body) - 1):
+        conv, norm = body[i], body[i + 1]
+        if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+            body[i] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, norm)
+            body[i + 1] = nn.Identity()  # keeps the stage indices of ``_stage_ends``
+    return fused
+
+
+def has_batch_norm(model: CellCNN) -> bool:
+    """True for a trainable CNN, False for a :func:`fuse_batch_norm` copy."""
+    return any(isinstance(layer, nn.BatchNorm2d) for layer in model.body)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -336,9 +356,10 @@ def extract(
 
     With ``dihedral`` both are averaged over the 8 flips and 90-degree rotations of each crop
     (a cell has no preferred orientation); each transform's maps are turned back to the
-    crop's own frame first, so the grid positions stay aligned.
+    crop's own frame first, so the grid positions stay aligned. Runs a
+    :func:`fuse_batch_norm` copy of ``model`` unless it is one already.
     """
-    model.eval()
+    model = fuse_batch_norm(model) if has_batch_norm(model) else model.eval()
     feats: list[np.ndarray] = []
     probs: list[np.ndarray] = []
     transforms = [(k, f) for k in range(4) for f in (False, True)] if dihedral else [(0, False)]

@@ -105,6 +105,39 @@ def test_dihedral_average_makes_features_orientation_free(tiny_model: Path, tmp_
     assert not np.allclose(plain_t, np.rot90(plain, 1, axes=(2, 3))[:, :, :, ::-1], atol=1e-5)
 
 
+def test_inference_folds_batch_norm_without_changing_outputs(tiny_model: Path) -> None:
+    from leuk_fhir.model.cnn import CellCNN, extract, fuse_batch_norm, has_batch_norm
+
+    torch.manual_seed(0)
+    net = CellCNN(
+        CNNConfig(n_classes=3, widths=(8, 16, 24), stage_depths=(1, 2, 2), feature_stages=2)
+    )
+    net.get_buffer("stage_scales").copy_(torch.tensor([0.5, 2.0]))
+    net.train()
+    with torch.no_grad():  # batch-norm statistics far from the identity
+        for _ in range(5):
+            net(torch.randn(16, 3, 32, 32) * 3 + 1)
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fused = fuse_batch_norm(net)
+    assert has_batch_norm(net) and not has_batch_norm(fused)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # untouched
+    x = torch.randn(6, 3, 32, 32)
+    with torch.inference_mode():
+        maps, logits = net.features_and_logits(x)
+        maps_f, logits_f = fused.features_and_logits(x)
+    assert maps.abs().max() > 0.1
+    assert torch.allclose(maps_f, maps, rtol=1e-4, atol=1e-5 * float(maps.abs().max()))
+    assert torch.allclose(logits_f, logits, atol=1e-4)
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+    cpu = torch.device("cpu")
+    got, got_f = extract(net, images, mean, std, cpu), extract(fused, images, mean, std, cpu)
+    assert np.allclose(got[0], got_f[0], atol=1e-6) and np.allclose(got[1], got_f[1], atol=1e-6)
+    assert has_batch_norm(net)  # extract folded a copy, not the trainable CNN
+    assert not has_batch_norm(load_classifier(tiny_model, device="cpu").cnn)
+
+
 def test_auto_epochs_aim_at_a_fixed_number_of_steps() -> None:
     from leuk_fhir.model.training import MAX_EPOCHS, MIN_EPOCHS, resolve_epochs
 
