@@ -195,21 +195,25 @@ def _read_manifest(path: Path) -> list[LabelledImage]:
     return items
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
 def drop_duplicates(
     items: list[LabelledImage],
-) -> tuple[list[LabelledImage], list[bytes], DuplicateReport]:
-    """Keep the first of each set of byte-identical files; return kept items, their bytes."""
+) -> tuple[list[LabelledImage], list[str], DuplicateReport]:
+    """Keep the first of each set of byte-identical files; return kept items and their SHA-256
+    digests (the bytes are not kept: a folder of large BMP or TIFF files would fill memory)."""
     seen: dict[str, LabelledImage] = {}
     kept: list[LabelledImage] = []
-    data: list[bytes] = []
+    digests: list[str] = []
     dropped: list[tuple[str, str]] = []
     conflicts: set[str] = set()
     for item in items:
-        try:
-            raw = item.path.read_bytes()
-        except OSError as exc:
-            raise DatasetError(f"cannot read {item.path}: {exc.strerror or exc}") from exc
-        digest = hashlib.sha256(raw).hexdigest()
+        digest = hashlib.sha256(_read(item.path)).hexdigest()
         if digest in seen:
             first = seen[digest]
             dropped.append((str(item.path), str(first.path)))
@@ -218,8 +222,16 @@ def drop_duplicates(
             continue
         seen[digest] = item
         kept.append(item)
-        data.append(raw)
-    return kept, data, DuplicateReport(tuple(dropped), tuple(sorted(conflicts)))
+        digests.append(digest)
+    return kept, digests, DuplicateReport(tuple(dropped), tuple(sorted(conflicts)))
+
+
+def _read_unchanged(item: LabelledImage, digest: str) -> bytes:
+    """The file's bytes, read again; DatasetError if they changed since it was first read."""
+    raw = _read(item.path)
+    if hashlib.sha256(raw).hexdigest() != digest:
+        raise DatasetError(f"{item.path} changed while the dataset was being read; run again")
+    return raw
 
 
 def load_dataset(
@@ -247,7 +259,7 @@ def load_dataset(
     items = list_images(Path(source), subclass_folders=subclass_folders)
     if subclass_pattern is not None:
         items = _kinds_from_names(items, subclass_pattern)
-    items, raw, duplicates = drop_duplicates(items)
+    items, digests, duplicates = drop_duplicates(items)
     if binary_positive is not None:
         names = {i.label for i in items}
         if binary_positive not in names:
@@ -276,7 +288,10 @@ def load_dataset(
     if crop is None:
         sample = sample_indices(len(items))
         framing = choose_crop(
-            [pad_to_square(decode_image(raw[i], max_pixels, str(items[i].path))) for i in sample]
+            pad_to_square(
+                decode_image(_read_unchanged(items[i], digests[i]), max_pixels, str(items[i].path))
+            )
+            for i in sample
         )
     else:
         framing = Framing(crop, "fixed")
@@ -287,12 +302,13 @@ def load_dataset(
 
         iterator = iter(tqdm(range(len(items)), desc="decoding images", unit="img"))
     for i in iterator:
+        raw = _read_unchanged(items[i], digests[i])
         images[i] = square_resize(
-            decode_image(raw[i], max_pixels, where=str(items[i].path)), image_size, framing.crop
+            decode_image(raw, max_pixels, where=str(items[i].path)), image_size, framing.crop
         )
     fingerprint = hashlib.sha256()
-    for item, data in sorted(zip(items, raw, strict=True), key=lambda t: str(t[0].path)):
-        fingerprint.update(hashlib.sha256(data).digest() + item.label.encode() + b"\0")
+    for item, digest in sorted(zip(items, digests, strict=True), key=lambda t: str(t[0].path)):
+        fingerprint.update(bytes.fromhex(digest) + item.label.encode() + b"\0")
         if item.subclass is not None:
             fingerprint.update(item.subclass.encode() + b"\0")
     groups = None if items[0].group is None else np.array([i.group for i in items])

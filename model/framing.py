@@ -19,7 +19,7 @@ synthetic images), the answer is 1.0: auto never crops what it cannot see.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -113,15 +113,16 @@ def nucleus_extent(square: np.ndarray) -> float | None:
     return min(1.0, 2 * half / WORK_SIDE)
 
 
-def choose_crop(squares: Sequence[np.ndarray]) -> Framing:
-    """Auto framing from square RGB images (see the module docstring)."""
+def choose_crop(squares: Iterable[np.ndarray]) -> Framing:
+    """Auto framing from square RGB images (see the module docstring). ``squares`` may be a
+    generator: each image is measured and let go before the next (full-size smear fields)."""
     extents = [nucleus_extent(s) for s in squares]
     found = np.array([e for e in extents if e is not None])
-    if len(squares) == 0 or len(found) < MIN_FOUND_SHARE * len(squares):
-        return Framing(1.0, "auto", len(squares), len(found))
+    if len(extents) == 0 or len(found) < MIN_FOUND_SHARE * len(extents):
+        return Framing(1.0, "auto", len(extents), len(found))
     quantile = float(np.quantile(found, COVERAGE))
     crop = min(1.0, max(MIN_CROP, math.ceil(round(quantile * RIM / STEP, 6)) * STEP))
-    return Framing(round(crop, 4), "auto", len(squares), len(found), round(quantile, 4))
+    return Framing(round(crop, 4), "auto", len(extents), len(found), round(quantile, 4))
 
 
 def sample_indices(n: int, sample: int = SAMPLE) -> np.ndarray:

@@ -124,3 +124,54 @@ def test_bad_datasets_give_clear_errors(tmp_path: Path) -> None:
     bad_csv.write_text("path,label\nonly-a-path\n")
     with pytest.raises(DatasetError, match="row 1"):
         load_dataset(bad_csv, 24, LIMIT)
+
+
+def test_loading_keeps_one_file_in_memory_at_a_time(tmp_path: Path) -> None:
+    """A folder of large uncompressed images (C-NMC ships BMP) is read file by file: the raw
+    bytes of all files are never held at once (they were, before: 6 GB for 10,000 BMPs)."""
+    import hashlib
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    for i in range(16):  # 16 x 3 MB of BMP
+        folder = tmp_path / ("blast" if i % 2 else "normal")
+        folder.mkdir(exist_ok=True)
+        pixels = rng.integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.bmp")
+    total = sum(p.stat().st_size for p in tmp_path.rglob("*.bmp"))
+    tracemalloc.start()
+    try:
+        ds = load_dataset(tmp_path, image_size=32, max_pixels=LIMIT, crop=None)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(ds.labels) == 16 and total > 45_000_000
+    assert peak < total / 3, (peak, total)
+    # The fingerprint is the same definition as before: SHA-256 over each file's digest + label.
+    expected = hashlib.sha256()
+    for path in sorted(tmp_path.rglob("*.bmp"), key=str):
+        expected.update(hashlib.sha256(path.read_bytes()).digest() + path.parent.name.encode())
+        expected.update(b"\0")
+    assert ds.fingerprint == expected.hexdigest()
+
+
+def test_a_file_changed_while_loading_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files are read twice (digest, then decode); one rewritten in between is an error, not a
+    silently different image. The rewrite is injected (a fake): the race cannot be timed."""
+    from leuk_fhir.model import dataset as dataset_module
+
+    for i in range(3):
+        _save(tmp_path / "blast" / f"b{i}.png", "blast", i)
+        _save(tmp_path / "normal" / f"n{i}.png", "normal", 10 + i)
+    real = dataset_module.drop_duplicates
+
+    def then_rewrite(items: list) -> tuple:  # type: ignore[type-arg]
+        out = real(items)
+        _save(tmp_path / "normal" / "n1.png", "blast", 99)
+        return out
+
+    monkeypatch.setattr(dataset_module, "drop_duplicates", then_rewrite)
+    with pytest.raises(DatasetError, match=r"n1\.png changed while the dataset was being read"):
+        load_dataset(tmp_path, image_size=32, max_pixels=LIMIT)
