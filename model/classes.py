@@ -8,6 +8,8 @@ tables). Names not in the table stay uncoded rather than guessed.
 
 from __future__ import annotations
 
+import re
+
 from leuk_fhir.findings import CellClass
 
 LYMPHOBLAST = ("15433008", "Lymphoblast")
@@ -40,8 +42,20 @@ _KNOWN: dict[str, tuple[str, bool, tuple[str, str] | None]] = {
 }
 
 
+# Words inside longer folder names ("[Malignant] Pro-B", "ALL_blasts", "non-leukemic").
+_BLAST_WORDS = _BLAST_NAMES - {"1"} | {"leukemia", "leukaemia", "leukaemic", "cancer"}
+_NORMAL_WORDS = _NORMAL_NAMES - {"0", "non-malignant"} | {"control", "controls"}
+_NEGATIONS = {"non", "not", "no"}
+
+
 def cell_class_for(name: str) -> CellClass:
-    """The :class:`CellClass` for a class (folder) name, coded where the name is known."""
+    """The :class:`CellClass` for a class (folder) name, coded where the name is known.
+
+    Exact names first (``all``, ``hem``, ``lymphocyte``...), then the words of a longer name:
+    a blast word (``malignant``, ``leukemia``, ``blast``, ``ALL``...) makes it a blast unless it
+    is negated (``non-malignant``, ``not_blast``: normal); a normal word (``healthy``,
+    ``benign``, ``control``...) makes it a normal lymphocyte. Anything else stays uncoded
+    (a blast when its name contains "blast", e.g. ``myeloblast``)."""
     key = name.strip().lower()
     if key in _BLAST_NAMES:
         return CellClass(name, "Lymphoblast (blast)", True, *LYMPHOBLAST)
@@ -50,4 +64,13 @@ def cell_class_for(name: str) -> CellClass:
     if key in _KNOWN:
         display, is_blast, code = _KNOWN[key]
         return CellClass(name, display, is_blast, *(code or (None, None)))
-    return CellClass(name, name.replace("_", " ").capitalize(), "blast" in key)
+    words = set(re.findall(r"[a-z0-9]+", key))
+    if words & _BLAST_WORDS:
+        if words & _NEGATIONS:
+            return CellClass(name, "Normal lymphocyte", False, *LYMPHOCYTE)
+        return CellClass(name, "Lymphoblast (blast)", True, *LYMPHOBLAST)
+    if words & _NORMAL_WORDS and not words & _KNOWN.keys():
+        return CellClass(name, "Normal lymphocyte", False, *LYMPHOCYTE)
+    # Another kind of blast (a myeloblast) counts as a blast but is not coded a lymphoblast.
+    is_blast = "blast" in key and not words & _NEGATIONS
+    return CellClass(name, name.replace("_", " ").capitalize(), is_blast)

@@ -5,7 +5,12 @@ Three layouts are read:
 * a folder of class sub-folders (``DATA/<class>/*.png``);
 * the ALL-IDB naming, ``ImNNN_1.*`` = blast and ``ImNNN_0.*`` = healthy, in one folder;
 * a CSV manifest ``path,label[,group[,subclass]]`` (header optional; paths relative to the
-  CSV), where a group (patient / subject) never straddles a split.
+  CSV).
+
+Groups are patients (or subjects, slides): a group never straddles a split, so a fold is
+scored on patients its model never saw. They come from the manifest's third column, from a
+pattern on each image's path (``group_pattern``), or, when every file name follows the C-NMC
+2019 naming ``UID_<subject>_<image>_<cell>_<all|hem>.bmp``, from that subject.
 
 Sub-classes are labelled kinds of cell inside a class (the seven cell types inside "other" in
 lymphocyte vs the rest): the CSV's fourth column, the first sub-folder level inside each class
@@ -34,6 +39,8 @@ from leuk_fhir.model.images import IMAGE_EXTENSIONS, decode_image, pad_to_square
 
 ALL_IDB_PATTERN = re.compile(r"^Im\d+_([01])\.[A-Za-z0-9]+$")
 ALL_IDB_LABELS = {"1": "blast", "0": "normal"}
+#: C-NMC 2019 cell names (UID_11_10_1_all.bmp, UID_H10_43_1_hem.bmp): group 1 is the subject.
+CNMC_PATTERN = re.compile(r"^UID_(H?\d+)_\d+_\d+_(?:all|hem)\.[A-Za-z0-9]+$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,8 @@ class CellDataset:
     #: labelled kinds of cell inside the classes, and each image's (an index into its names)
     subclasses: Subclasses | None = None
     sub_y: np.ndarray | None = None
+    #: where ``groups`` came from, in words (None without groups)
+    grouping: str | None = None
 
     @property
     def y(self) -> np.ndarray:
@@ -106,6 +115,7 @@ class CellDataset:
             "images": int(len(self.labels)),
             "classes": self.counts(),
             "groups": None if self.groups is None else int(len(set(self.groups.tolist()))),
+            "grouping": self.grouping,
             "duplicates_dropped": self.duplicates.count,
             "duplicate_label_conflicts": len(self.duplicates.conflicting_labels),
             "fingerprint": self.fingerprint,
@@ -244,6 +254,8 @@ def load_dataset(
     subclass_folders: bool = False,
     subclasses: bool = True,
     subclass_pattern: str | None = None,
+    group_pattern: str | None = None,
+    groups: bool = True,
 ) -> CellDataset:
     """Read, de-duplicate, decode and resize a dataset once into memory.
 
@@ -252,13 +264,16 @@ def load_dataset(
     file name: its first group, or the whole match, names the kind) and from
     ``binary_positive``, which relabels the dataset as ``<name>`` vs ``other`` (e.g.
     lymphocyte vs the rest) and keeps the merged classes as kinds of ``other``. ``subclasses``
-    False ignores them all. ``crop`` keeps the central fraction of each image (None: measured
+    False ignores them all. Groups (patients) come from a manifest's third column, from
+    ``group_pattern`` (searched in each image's path relative to ``source``, or to a
+    manifest's folder) or from C-NMC file names; ``groups`` False ignores them. ``crop`` keeps the central fraction of each image (None: measured
     from a sample of the images, :func:`leuk_fhir.model.framing.choose_crop`). Raises
     :class:`DatasetError` for fewer than two classes or an empty dataset.
     """
     items = list_images(Path(source), subclass_folders=subclass_folders)
     if subclass_pattern is not None:
         items = _kinds_from_names(items, subclass_pattern)
+    items, grouping = _assign_groups(items, Path(source), group_pattern, groups)
     items, digests, duplicates = drop_duplicates(items)
     if binary_positive is not None:
         names = {i.label for i in items}
@@ -311,13 +326,13 @@ def load_dataset(
         fingerprint.update(bytes.fromhex(digest) + item.label.encode() + b"\0")
         if item.subclass is not None:
             fingerprint.update(item.subclass.encode() + b"\0")
-    groups = None if items[0].group is None else np.array([i.group for i in items])
+    group_of = None if items[0].group is None else np.array([i.group for i in items])
     table, sub_y = _subclass_table(items, class_names)
     return CellDataset(
         images=images,
         labels=labels,
         class_names=class_names,
-        groups=groups,
+        groups=group_of,
         paths=tuple(str(i.path) for i in items),
         fingerprint=fingerprint.hexdigest(),
         source=str(source),
@@ -325,6 +340,7 @@ def load_dataset(
         framing=framing,
         subclasses=table,
         sub_y=sub_y,
+        grouping=None if group_of is None else grouping,
     )
 
 
@@ -340,6 +356,63 @@ def _kinds_from_names(items: list[LabelledImage], pattern: str) -> list[Labelled
         match = regex.search(item.path.name)
         kind = None if match is None else (match.group(1) if regex.groups else match.group(0))
         out.append(replace(item, subclass=kind or item.subclass))
+    return out
+
+
+def _assign_groups(
+    items: list[LabelledImage], source: Path, pattern: str | None, enabled: bool
+) -> tuple[list[LabelledImage], str | None]:
+    """Each image's group and where the groups came from (see :func:`load_dataset`)."""
+    if not enabled:
+        return [replace(i, group=None) for i in items], None
+    from_manifest = any(i.group is not None for i in items)
+    if pattern is not None:
+        if from_manifest:
+            raise DatasetError(
+                f"{source}: the manifest already names each image's group; "
+                "drop --group-pattern or the manifest's group column"
+            )
+        return _groups_from_paths(items, source, pattern), f"--group-pattern {pattern!r}"
+    if from_manifest:
+        return items, "the manifest's group column"
+    subjects = [CNMC_PATTERN.match(i.path.name) for i in items]
+    if items and all(subjects):
+        return [
+            replace(i, group=m.group(1).upper())
+            for i, m in zip(items, subjects, strict=True)
+            if m is not None
+        ], "the subject in C-NMC file names (UID_<subject>_<image>_<cell>_<class>)"
+    return items, None
+
+
+def _groups_from_paths(
+    items: list[LabelledImage], source: Path, pattern: str
+) -> list[LabelledImage]:
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise DatasetError(
+            f"--group-pattern {pattern!r} is not a regular expression: {exc}"
+        ) from None
+    root = source if source.is_dir() else source.parent
+    out, unmatched = [], []
+    for item in items:
+        try:
+            where = item.path.relative_to(root).as_posix()
+        except ValueError:
+            where = item.path.as_posix()
+        match = regex.search(where)
+        group = None if match is None else (match.group(1) if regex.groups else match.group(0))
+        if not group:
+            unmatched.append(where)
+        out.append(replace(item, group=group))
+    if unmatched:
+        raise DatasetError(
+            f"--group-pattern {pattern!r} names no group for {len(unmatched)} of {len(items)} "
+            f"images, e.g. {', '.join(unmatched[:3])}",
+            hint="the pattern is searched in each image's path relative to the data folder "
+            "(e.g. 'all/patient07/cell1.png'); every image needs a group",
+        )
     return out
 
 
@@ -378,8 +451,24 @@ def stratified_folds(
         n_groups = len(set(groups.tolist()))
         if n_groups < n_folds:
             raise DatasetError(f"{n_groups} groups cannot fill {n_folds} folds")
+        for name in sorted(counts):
+            held = sorted(set(groups[labels == name].tolist()))
+            if len(held) < 2:
+                raise DatasetError(
+                    f"class {name!r} comes from one group only ({held[0]!r}): the fold that "
+                    "tests it would train without it",
+                    hint="add images of that class from more patients, or drop grouping",
+                )
         splitter = StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
         splits = list(splitter.split(np.zeros(len(labels)), labels, groups))
+        for number, (train, _) in enumerate(splits, start=1):
+            missing = sorted(set(counts) - set(labels[train].tolist()))
+            if missing:
+                raise DatasetError(
+                    f"fold {number} would train without class {missing[0]!r}: all of its "
+                    "groups fall in that fold's test part",
+                    hint="use fewer folds, or add images of that class from more patients",
+                )
     else:
         splitter = StratifiedKFold(n_folds, shuffle=True, random_state=seed)  # type: ignore[assignment]
         splits = list(splitter.split(np.zeros(len(labels)), labels))

@@ -155,11 +155,17 @@ class _FoldData:
     class_names: tuple[str, ...]
     subclasses: Subclasses | None
     sub_y: np.ndarray | None
+    groups: np.ndarray | None = None
 
     @classmethod
     def of(cls, dataset: CellDataset) -> _FoldData:
         return cls(
-            dataset.images, dataset.y, dataset.class_names, dataset.subclasses, dataset.sub_y
+            dataset.images,
+            dataset.y,
+            dataset.class_names,
+            dataset.subclasses,
+            dataset.sub_y,
+            dataset.groups,
         )
 
 
@@ -186,6 +192,7 @@ def _run_fold(
         on_epoch=on_epoch,
         subclasses=data.subclasses,
         sub_y=None if data.sub_y is None else data.sub_y[train],
+        groups=None if data.groups is None else data.groups[train],
     )
     t1 = time.perf_counter()
     maps, soft = pipeline.features(images[test])
@@ -207,7 +214,9 @@ def _run_fold(
             "n_basis": pipeline.hosvd.n_basis_,
             "n_subspaces": pipeline.hosvd.n_subspaces_,
             "inner_cv_accuracy": pipeline.hosvd.cv_accuracy_,
+            "inner_cv_grouped": bool(pipeline.hosvd.cv_grouped_),
         },
+        "test_groups": None if data.groups is None else sorted(set(data.groups[test].tolist())),
         "indeterminate_rate": float(flags.mean()),
         "heads": {
             head: {
@@ -456,6 +465,7 @@ def cross_validate(
         "class_names": list(dataset.class_names),
         "folds": folds,
         "grouped": dataset.groups is not None,
+        "grouping": dataset.grouping,
         "images": int(len(y)),
         "config": config.to_json(),
         "seconds_total": round(time.perf_counter() - start, 1),
@@ -588,6 +598,13 @@ def _subclasses_text(subclasses: dict[str, list[str]] | None) -> str:
     )
 
 
+def _grouping_text(data: dict[str, Any], report: dict[str, Any]) -> str:
+    if not report["grouped"]:
+        return " (images split one by one: no patient groups given)"
+    source = report.get("grouping") or "groups"
+    return f" by patient ({data['groups']} groups from {source}; none on both sides of a split)"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     data = report["dataset"]
     lines = [
@@ -595,7 +612,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Data: `{data['source']}`: {report['images']} images, classes {data['classes']}; "
         f"{data['duplicates_dropped']} byte-identical duplicate(s) dropped; "
-        f"{report['folds']}-fold {'grouped ' if report['grouped'] else ''}stratified cross-validation; "
+        f"{report['folds']}-fold {'grouped ' if report['grouped'] else ''}stratified cross-validation"
+        f"{_grouping_text(data, report)}; "
         f"image size {report['config']['image_size']} px, framing: "
         f"{Framing(**data['framing']).describe() if 'framing' in data else 'whole image'}; "
         f"{_epochs_text(report)} epochs; "
@@ -693,6 +711,8 @@ def evaluation_summary(report: dict[str, Any]) -> dict[str, Any]:
     return {
         "folds": report["folds"],
         "images": report["images"],
+        "groups": report["dataset"].get("groups"),
+        "grouping": report.get("grouping"),
         "indeterminate_rate_mean": report["indeterminate_rate_mean"],
         "heads": {
             h: {

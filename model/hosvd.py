@@ -32,7 +32,7 @@ import numpy as np
 import tensorly as tl
 from scipy.optimize import minimize_scalar
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from leuk_fhir.errors import NotFittedError
 
@@ -163,6 +163,25 @@ def _labelled_groups(members: np.ndarray, labels: np.ndarray) -> list[np.ndarray
     the whole class when no label has two)."""
     groups = [members[labels == value] for value in np.unique(labels)]
     return [g for g in groups if len(g) >= 2] or [members]
+
+
+def _inner_splits(
+    y_index: np.ndarray, groups: np.ndarray | None, n_folds: int, random_state: int | None
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], bool]:
+    """The inner cross-validation's splits, and whether they keep groups apart: grouped when
+    every class spans two or more groups and every training part keeps every class."""
+    n_classes = int(y_index.max()) + 1
+    if groups is not None:
+        groups = np.asarray(groups)
+        per_class = min(len(np.unique(groups[y_index == c])) for c in range(n_classes))
+        k = min(n_folds, per_class)
+        if k >= 2:
+            grouped = StratifiedGroupKFold(k, shuffle=True, random_state=random_state)
+            splits = list(grouped.split(y_index, y_index, groups))
+            if all(len(np.unique(y_index[train])) == n_classes for train, _ in splits):
+                return splits, True
+    plain = StratifiedKFold(n_folds, shuffle=True, random_state=random_state)
+    return list(plain.split(y_index, y_index)), False
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -302,12 +321,20 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
         return out
 
     def fit(
-        self, X: np.ndarray, y: np.ndarray, subclasses: np.ndarray | None = None
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        subclasses: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
     ) -> HOSVDClassifier:
         """Fit class bases; choose hyper-parameters by inner CV; calibrate on held-out residuals.
 
         ``subclasses`` (optional, one label per sample) names the kind of cell inside its class:
         each labelled sub-class gets its own subspace and k-means sub-classes are not tried.
+        ``groups`` (optional, one per sample: the patient) keeps each group on one side of every
+        inner split, so the choice, the temperature and the out-of-distribution thresholds are
+        made on patients the bases never saw (``cv_grouped_``); with too few groups per class
+        for two splits, the inner CV falls back to splitting samples.
         """
         x = as_feature_tensor(X)
         y = np.asarray(y)
@@ -316,6 +343,8 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
         labelled = None if subclasses is None else np.asarray(subclasses)
         if labelled is not None and len(labelled) != len(y):
             raise ValueError(f"{len(labelled)} sub-class labels for {len(y)} samples")
+        if groups is not None and len(groups) != len(y):
+            raise ValueError(f"{len(groups)} groups for {len(y)} samples")
         if not np.all(np.isfinite(x)):
             raise ValueError("feature tensors contain NaN or infinite values")
         self.classes_, y_index = np.unique(y, return_inverse=True)
@@ -334,9 +363,9 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
 
         # Out-of-fold residuals for every grid point and basis size.
         oof = np.zeros((len(grid), len(sizes), len(x), len(self.classes_)))
-        folds = StratifiedKFold(n_folds, shuffle=True, random_state=self.random_state)
+        splits, self.cv_grouped_ = _inner_splits(y_index, groups, n_folds, self.random_state)
         pairs = sorted({(r1, r2) for r1, r2, _ in grid})
-        for train, test in folds.split(x, y_index):
+        for train, test in splits:
             for n_sub in sorted({s for _, _, s in grid}):
                 fitted = self._fit_subspaces(
                     x[train],
@@ -478,6 +507,7 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
             "n_basis": self.n_basis_,
             "n_subspaces": self.n_subspaces_,
             "cv_accuracy": self.cv_accuracy_,
+            "cv_grouped": bool(self.cv_grouped_),
             "temperature": self.temperature_,
             "probability_floor": self.probability_floor_,
             "subspace_classes": [int(c) for c, _ in self.subspaces_],
@@ -504,6 +534,7 @@ class HOSVDClassifier(ClassifierMixin, BaseEstimator):
         clf.n_basis_ = int(meta["n_basis"])
         clf.n_subspaces_ = int(meta["n_subspaces"])
         clf.cv_accuracy_ = float(meta["cv_accuracy"])
+        clf.cv_grouped_ = bool(meta.get("cv_grouped", False))
         clf.temperature_ = float(meta["temperature"])
         clf.probability_floor_ = float(meta.get("probability_floor", 0.0))
         clf.ood_thresholds_ = np.asarray(arrays["ood_thresholds"], dtype=np.float64)

@@ -113,7 +113,13 @@ def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
     if evaluation and evaluation.get("heads"):
         lines += [
             f"{evaluation.get('folds')}-fold cross-validation on the training data "
-            f"({evaluation.get('images')} images); mean +- std over folds:",
+            f"({evaluation.get('images')} images"
+            + (
+                f", split by patient: {evaluation['groups']} groups from {evaluation['grouping']}"
+                if evaluation.get("groups")
+                else ", split image by image: no patient groups were given"
+            )
+            + "); mean +- std over folds:",
             "",
             "| Head | Accuracy | Macro F1 | Macro AUC |",
             "|---|---|---|---|",

@@ -181,12 +181,14 @@ def fit_pipeline(
     on_epoch: Callable[[int, float, float], None] | None = None,
     subclasses: Subclasses | None = None,
     sub_y: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> FittedPipeline:
     """Train the CNN, extract feature maps, fit the HOSVD head (and the SVM baseline).
 
     ``progress`` shows a bar of epochs; ``on_epoch(epoch, loss, accuracy)`` is called after each.
     With ``subclasses`` and ``sub_y`` (each image's kind) the heads learn the kinds and answer
-    with classes.
+    with classes. ``groups`` (each image's patient) keeps patients apart in the HOSVD head's
+    inner cross-validation.
     """
     if (subclasses is None) != (sub_y is None):
         raise ValueError("give both subclasses and sub_y, or neither")
@@ -241,7 +243,7 @@ def fit_pipeline(
     maps = calibrate_stage_scales(cnn, maps)
     t1 = time.perf_counter()
     hosvd = HOSVDClassifier(cv=config.hosvd_cv, random_state=config.seed).fit(
-        maps, y, subclasses=sub_y
+        maps, y, subclasses=sub_y, groups=groups
     )
     t2 = time.perf_counter()
     svm = None

@@ -74,6 +74,7 @@ def train_and_save(
         progress=progress,
         subclasses=dataset.subclasses,
         sub_y=dataset.sub_y,
+        groups=dataset.groups,
     )
     metrics["train_images"] = float(len(dataset.labels))
     metrics["hosvd_inner_cv_accuracy"] = float(pipeline.hosvd.cv_accuracy_)

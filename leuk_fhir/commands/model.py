@@ -66,6 +66,20 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
         help="train on the classes only, ignoring kinds of cell inside them (from "
         "--binary-positive, --subclass-folders or a manifest's subclass column)",
     )
+    parser.add_argument(
+        "--group-pattern",
+        metavar="REGEX",
+        help="a regular expression searched in each image's path relative to DATA: its first "
+        "group (or the whole match) names the image's patient, and no patient is on both sides "
+        "of a split, e.g. '^[^/]+/([^/]+)/' for DATA/<class>/<patient>/cell.png (default: a "
+        "manifest's group column, or the subject in C-NMC names UID_<subject>_...)",
+    )
+    parser.add_argument(
+        "--no-groups",
+        action="store_true",
+        help="split images one by one, ignoring patient groups (from a manifest, "
+        "--group-pattern or C-NMC file names)",
+    )
     parser.add_argument("--device", default=None, help="torch device: auto (default), cpu, cuda")
     parser.add_argument(
         "--precision",
@@ -214,8 +228,16 @@ def _load(args: argparse.Namespace, config: TrainingConfig) -> CellDataset:
         subclass_folders=args.subclass_folders,
         subclass_pattern=args.subclass_pattern,
         subclasses=not args.no_subclasses,
+        group_pattern=args.group_pattern,
+        groups=not args.no_groups,
     )
     print(f"framing: {dataset.framing.describe()}", file=sys.stderr)
+    if dataset.groups is not None:
+        print(
+            f"patients: {len(set(dataset.groups.tolist()))} groups from {dataset.grouping}; "
+            "no group is on both sides of a split",
+            file=sys.stderr,
+        )
     if dataset.duplicates.count:
         print(
             f"dropped {dataset.duplicates.count} byte-identical duplicate image(s)"

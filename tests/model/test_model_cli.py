@@ -144,3 +144,29 @@ def test_bad_input_gives_one_line_and_an_exit_code(
     bad_model = tmp_path / "bad.lfm"
     bad_model.write_bytes(b"PK\x03\x04 truncated")
     assert main(["model-card", "--model", str(bad_model)]) == 4
+
+
+def test_evaluate_splits_by_patient(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from leuk_fhir.model.synthetic import generate_cell
+
+    data = tmp_path / "data"
+    for p in range(8):
+        kind = ("normal", "blast")[p % 2]
+        for j in range(6):
+            target = data / kind / f"patient{p}" / f"cell{j}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(generate_cell(kind, 100 * p + j, 64)).save(target)
+    out = tmp_path / "eval"
+    args = ["evaluate", str(data), "--folds", "2", "--epochs", "2", "--image-size", "32"]
+    assert main([*args, "--group-pattern", "^[^/]+/([^/]+)/", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["grouped"] and report["dataset"]["groups"] == 8
+    tested = [set(f["test_groups"]) for f in report["per_fold"]]
+    assert not tested[0] & tested[1] and tested[0] | tested[1] == {f"patient{p}" for p in range(8)}
+    # Each training half holds two patients per class: the HOSVD head's inner CV is grouped too.
+    assert all(f["hosvd_selection"]["inner_cv_grouped"] for f in report["per_fold"])
+    assert "by patient (8 groups from --group-pattern" in (out / "report.md").read_text()
+    # A pattern that misses images is one clear line and exit code 3, before any training.
+    assert main([*args, "--group-pattern", "nomatch(\\d)", "--out", str(tmp_path / "x")]) == 3

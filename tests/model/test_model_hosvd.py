@@ -121,3 +121,52 @@ def test_bad_training_input_is_rejected() -> None:
     bad[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         HOSVDClassifier().fit(bad, np.arange(10) % 2)
+
+
+def _patients(rng: np.random.Generator, class_bases: list[np.ndarray], count: int, cells: int):
+    """Cells of ``count`` patients (alternating classes): each patient adds three directions of
+    its own to its class subspace, as a patient's stain and smear add their own look."""
+    x, y, groups = [], [], []
+    for p in range(count):
+        own = rng.standard_normal((3, C, P))
+        basis = np.concatenate([class_bases[p % 2], own])
+        x.append(_subspace_samples(rng, basis, cells))
+        y += [p % 2] * cells
+        groups += [f"patient{p}"] * cells
+    return np.concatenate(x), np.array(y), np.array(groups)
+
+
+def test_grouped_inner_cv_calibrates_on_patients_the_bases_never_saw() -> None:
+    rng = np.random.default_rng(0)
+    class_bases = [rng.standard_normal((2, C, P)) for _ in range(2)]
+    x, y, groups = _patients(rng, class_bases, 12, 10)
+    new, new_y, _ = _patients(rng, class_bases, 6, 10)
+    plain = HOSVDClassifier(random_state=0).fit(x, y)
+    grouped = HOSVDClassifier(random_state=0).fit(x, y, groups=groups)
+    assert not plain.cv_grouped_ and grouped.cv_grouped_
+    # Calibrated on held-out cells of patients it had seen, the plain fit's thresholds are so
+    # tight that new patients' cells all look out of distribution; held-out patients fix that.
+    assert plain.is_out_of_distribution(new).mean() > 0.9
+    assert grouped.is_out_of_distribution(new).mean() < 0.1
+    assert grouped.score(new, new_y) > 0.9
+    meta, arrays = grouped.to_state()
+    assert HOSVDClassifier.from_state(meta, arrays).cv_grouped_
+
+
+def test_inner_splits_keep_groups_apart_or_fall_back() -> None:
+    from leuk_fhir.model.hosvd import _inner_splits
+
+    y = np.repeat([0, 1], 30)
+    groups = np.array([f"g{i // 5}" for i in range(60)])  # six groups per class
+    splits, grouped = _inner_splits(y, groups, 3, 0)
+    assert grouped and len(splits) == 3
+    for train, test in splits:
+        assert not set(groups[train]) & set(groups[test])
+        assert set(y[train]) == {0, 1}
+    assert sorted(np.concatenate([t for _, t in splits]).tolist()) == list(range(60))
+    # One class from a single patient: no grouped split can train on it and test it.
+    one = np.where(y == 0, "g0", groups)
+    splits, grouped = _inner_splits(y, one, 3, 0)
+    assert not grouped and len(splits) == 3
+    with pytest.raises(ValueError, match="groups for"):
+        HOSVDClassifier().fit(np.zeros((60, C, P)) + 1, y, groups=groups[:10])
