@@ -220,9 +220,52 @@ def to_tensor(
     return ((x - m) / s).contiguous(memory_format=torch.channels_last)
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, max_shift: float = 0.08) -> torch.Tensor:
-    """Smear-suited augmentation on a (n, 3, H, W) batch in [0, 1]: flips, 90-degree rotations,
-    small shifts (reflect-padded), brightness/contrast and per-channel stain jitter."""
+@dataclass(frozen=True)
+class Augmentation:
+    """How training crops are varied (``AUGMENTATIONS`` names the recipes).
+
+    Always: flips, 90-degree rotations, shifts up to ``max_shift`` of the side (reflect-padded),
+    brightness/contrast and per-channel stain jitter. What another microscope changes, where
+    set: magnification (a zoom up to ``exp(+-scale)``), focus (a Gaussian blur up to ``blur``
+    crop pixels on half of the crops) and stain strength and hue (optical density scaled by up
+    to ``1 +- stain_od`` per colour channel).
+    """
+
+    max_shift: float = 0.08
+    scale: float = 0.0
+    blur: float = 0.0
+    stain_od: float = 0.0
+
+
+#: ``standard``: the default, chosen on PBC. ``scanner``: also another microscope's
+#: magnification (+-18%), focus and stain (docs/model.md, "Robustness to another microscope").
+AUGMENTATIONS = {
+    "standard": Augmentation(),
+    "scanner": Augmentation(scale=0.18, blur=1.0, stain_od=0.15),
+}
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur of each crop of (n, 3, H, W) ``x`` with its own ``sigma`` (n,) in pixels
+    (0 leaves a crop as it is), separable, reflect-padded."""
+    n, c, h, w = x.shape
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    safe = sigma.clamp(min=1e-3).view(n, 1)
+    kernel = torch.exp(-0.5 * (offsets.view(1, -1) / safe) ** 2)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    kernel = kernel.repeat_interleave(c, dim=0)  # one row per (crop, channel)
+    flat = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
+    flat = F.conv2d(flat, kernel.view(n * c, 1, 1, -1), groups=n * c)
+    flat = F.conv2d(flat, kernel.view(n * c, 1, -1, 1), groups=n * c)
+    return flat.view(n, c, h, w)
+
+
+def augment(
+    x: torch.Tensor, generator: torch.Generator, recipe: Augmentation = Augmentation()
+) -> torch.Tensor:
+    """Smear-suited augmentation of a (n, 3, H, W) batch in [0, 1] (see :class:`Augmentation`).
+    The standard recipe draws the same random numbers whatever the optional parts are."""
     n, _, h, w = x.shape
 
     def rand(*shape: int) -> torch.Tensor:
@@ -232,11 +275,23 @@ def augment(x: torch.Tensor, generator: torch.Generator, max_shift: float = 0.08
     x = torch.rot90(x, k, dims=(2, 3))
     flip = rand(n) < 0.5
     x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
-    pad = int(round(max_shift * h))
+    pad = int(round(recipe.max_shift * h))
     if pad:
         padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
         dy, dx = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=generator))
         x = padded[:, :, dy : dy + h, dx : dx + w]
+    if recipe.scale:
+        zoom = torch.exp((rand(n) * 2 - 1) * recipe.scale)
+        theta = torch.zeros(n, 2, 3, device=x.device)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / zoom
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if recipe.blur:
+        sigma = rand(n) * recipe.blur * (rand(n) < 0.5)
+        x = _blur(x, sigma)
+    if recipe.stain_od:
+        gain = 1.0 + (rand(n, 3, 1, 1) * 2 - 1) * recipe.stain_od
+        x = x.clamp(min=1.0 / 255.0) ** gain  # optical density -log(x) scaled by the gain
     brightness = 1.0 + (rand(n, 1, 1, 1) - 0.5) * 0.2
     contrast = 1.0 + (rand(n, 1, 1, 1) - 0.5) * 0.3
     stain = 1.0 + (rand(n, 3, 1, 1) - 0.5) * 0.12
@@ -282,6 +337,7 @@ def train_cnn(
     learning_rate: float = 4e-3,
     progress: Callable[[int, float, float], None] | None = None,
     precision: str = "auto",
+    augmentation: Augmentation = Augmentation(),
 ) -> tuple[CellCNN, TrainingHistory]:
     """Train :class:`CellCNN` on (n, H, W, 3) uint8 images; deterministic for a seed on a given
     CPU (``precision`` as in :func:`resolve_precision`). ``y`` indexes the head's outputs:
@@ -316,7 +372,8 @@ def train_cnn(
             if len(idx) < 2:
                 continue
             x = torch.from_numpy(images[idx]).to(device).permute(0, 3, 1, 2).float() / 255.0
-            x = ((augment(x, generator) - m) / s).contiguous(memory_format=torch.channels_last)
+            x = augment(x, generator, augmentation)
+            x = ((x - m) / s).contiguous(memory_format=torch.channels_last)
             target = targets_all[idx].to(device)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 logits = model(x).float()

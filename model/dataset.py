@@ -266,9 +266,10 @@ def load_dataset(
     lymphocyte vs the rest) and keeps the merged classes as kinds of ``other``. ``subclasses``
     False ignores them all. Groups (patients) come from a manifest's third column, from
     ``group_pattern`` (searched in each image's path relative to ``source``, or to a
-    manifest's folder) or from C-NMC file names; ``groups`` False ignores them. ``crop`` keeps the central fraction of each image (None: measured
-    from a sample of the images, :func:`leuk_fhir.model.framing.choose_crop`). Raises
-    :class:`DatasetError` for fewer than two classes or an empty dataset.
+    manifest's folder) or from C-NMC file names; ``groups`` False ignores them. ``crop``
+    keeps the central fraction of each image (None: measured from a sample of the images,
+    :func:`leuk_fhir.model.framing.choose_crop`). Raises :class:`DatasetError` for fewer than
+    two classes or an empty dataset.
     """
     items = list_images(Path(source), subclass_folders=subclass_folders)
     if subclass_pattern is not None:

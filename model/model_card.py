@@ -106,7 +106,8 @@ def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
     if config:
         lines.append(
             f"- Training: {training.get('history', {}).get('epochs', config.get('epochs'))} epochs, batch {config.get('batch_size')}, seed {config.get('seed')}, "
-            f"{training.get('history', {}).get('precision', 'float32')} arithmetic."
+            f"{training.get('history', {}).get('precision', 'float32')} arithmetic, "
+            f"{config.get('augmentation', 'standard')} augmentation."
         )
     evaluation = manifest.get("evaluation")
     lines += ["", "## Measured performance", ""]

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from leuk_fhir.model.cnn import (
+    AUGMENTATIONS,
     CellCNN,
     CNNConfig,
     TrainingHistory,
@@ -77,6 +78,8 @@ class TrainingConfig:
     #: for 8x the inference cost, so off by default (the 300 cells/s inference goal);
     #: `--dihedral-average` turns it on.
     dihedral_average: bool = False
+    #: training augmentation recipe, a key of :data:`leuk_fhir.model.cnn.AUGMENTATIONS`
+    augmentation: str = "standard"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -192,6 +195,10 @@ def fit_pipeline(
     """
     if (subclasses is None) != (sub_y is None):
         raise ValueError("give both subclasses and sub_y, or neither")
+    if config.augmentation not in AUGMENTATIONS:
+        raise ValueError(
+            f"augmentation must be one of {sorted(AUGMENTATIONS)}, not {config.augmentation!r}"
+        )
     if (
         subclasses is not None
         and sub_y is not None
@@ -235,6 +242,7 @@ def fit_pipeline(
         learning_rate=config.learning_rate,
         progress=callback,
         precision=config.precision,
+        augmentation=AUGMENTATIONS[config.augmentation],
     )
     if bar is not None:
         bar.close()

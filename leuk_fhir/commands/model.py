@@ -104,6 +104,13 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
         "0 = auto: on 4 or more CPU cores one fold per two cores, as memory allows; else 1)",
     )
     parser.add_argument(
+        "--augmentation",
+        choices=["standard", "scanner"],
+        default="standard",
+        help="training augmentation: standard (default) or scanner, which also varies "
+        "magnification, focus and stain strength as another microscope would",
+    )
+    parser.add_argument(
         "--dihedral-average",
         action="store_true",
         help="average CNN features over the 8 flips/rotations of each cell (+0.1 to +0.3 points "
@@ -200,6 +207,7 @@ def _config(args: argparse.Namespace, settings_device: str) -> TrainingConfig:
         precision=args.precision,
         dihedral_average=args.dihedral_average,
         feature_stages=args.feature_stages,
+        augmentation=args.augmentation,
     )
 
 
