@@ -612,8 +612,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Data: `{data['source']}`: {report['images']} images, classes {data['classes']}; "
         f"{data['duplicates_dropped']} byte-identical duplicate(s) dropped; "
-        f"{report['folds']}-fold {'grouped ' if report['grouped'] else ''}stratified cross-validation"
-        f"{_grouping_text(data, report)}; "
+        f"{report['folds']}-fold stratified cross-validation{_grouping_text(data, report)}; "
         f"image size {report['config']['image_size']} px, framing: "
         f"{Framing(**data['framing']).describe() if 'framing' in data else 'whole image'}; "
         f"{_epochs_text(report)} epochs; "
