@@ -32,7 +32,7 @@ from leuk_fhir.model.artifact import (
 from leuk_fhir.model.classes import cell_class_for
 from leuk_fhir.model.cnn import CellCNN, CNNConfig, extract, fuse_batch_norm, resolve_device
 from leuk_fhir.model.hosvd import HOSVDClassifier, feature_norms
-from leuk_fhir.model.images import prepare_batch
+from leuk_fhir.model.images import prepare_batch, sharpness
 from leuk_fhir.model.training import FittedPipeline
 
 DEMO_MODEL_RESOURCE = "demo-model.lfm"
@@ -44,8 +44,11 @@ class ClassificationBatch:
 
     probabilities: np.ndarray
     residuals: np.ndarray
+    #: above 1: indeterminate (the larger of the HOSVD head's score and ``focus_scores``)
     ood_scores: np.ndarray
     softmax: np.ndarray
+    #: the model's focus floor over each crop's sharpness: above 1, out of focus
+    focus_scores: np.ndarray
 
 
 class CellClassifier:
@@ -67,6 +70,9 @@ class CellClassifier:
             self.std = np.asarray(prep["std"], dtype=np.float32)
             # Older model files predate the dihedral average: read as False.
             self.dihedral_average = bool(prep.get("dihedral_average", False))
+            # ... and the focus check: no floor, nothing is out of focus.
+            floor = prep.get("focus_floor")
+            self.focus_floor = None if floor is None else float(floor)
             arch = manifest["cnn"]
             config = CNNConfig(
                 n_classes=int(arch["n_classes"]),
@@ -123,13 +129,20 @@ class CellClassifier:
                 dihedral=self.dihedral_average,
             )
         residuals = self.hosvd.residuals(maps)
+        focus = (
+            np.zeros(len(batch))
+            if self.focus_floor is None
+            else self.focus_floor / np.maximum(sharpness(batch), 1e-9)
+        )
+        hosvd_scores = self.hosvd.out_of_distribution_scores(residuals, feature_norms(maps))
         return ClassificationBatch(
             probabilities=self.hosvd.predict_proba(maps)
             if len(maps)
             else np.zeros((0, len(self.class_names))),
             residuals=residuals,
-            ood_scores=self.hosvd.out_of_distribution_scores(residuals, feature_norms(maps)),
+            ood_scores=np.maximum(hosvd_scores, focus),
             softmax=soft,
+            focus_scores=focus,
         )
 
     def classify(self, images: Sequence[np.ndarray]) -> list[CellFinding]:
@@ -138,19 +151,24 @@ class CellClassifier:
             return []
         out = self.run(images)
         findings: list[CellFinding] = []
-        for probs, res, score in zip(out.probabilities, out.residuals, out.ood_scores, strict=True):
+        rows = zip(out.probabilities, out.residuals, out.ood_scores, out.focus_scores, strict=True)
+        for probs, res, score, focus in rows:
             probabilities = {c: float(p) for c, p in zip(self.class_names, probs, strict=True)}
             residuals = {c: float(r) for c, r in zip(self.class_names, res, strict=True)}
             if score > 1.0:
+                reason = (
+                    "out of focus or featureless: less fine detail than the cells the model "
+                    f"was trained on (focus score {focus:.2f} > 1)"
+                    if focus > 1.0
+                    else "out of distribution: too far from every class subspace, or feature "
+                    f"energy outside the training range (score {score:.2f} > 1)"
+                )
                 findings.append(
                     CellFinding(
                         label=INDETERMINATE,
                         probabilities=probabilities,
                         residuals=residuals,
-                        indeterminate_reason=(
-                            "out of distribution: too far from every class subspace, or feature "
-                            f"energy outside the training range (score {score:.2f} > 1)"
-                        ),
+                        indeterminate_reason=reason,
                     )
                 )
             else:
@@ -218,6 +236,7 @@ def save_pipeline(
             "std": [float(v) for v in pipeline.std],
             "input": "RGB uint8",
             "dihedral_average": pipeline.config.dihedral_average,
+            "focus_floor": pipeline.focus_floor,
         },
         "cnn": {
             "n_classes": len(pipeline.class_names),

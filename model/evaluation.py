@@ -197,7 +197,8 @@ def _run_fold(
     t1 = time.perf_counter()
     maps, soft = pipeline.features(images[test])
     heads = pipeline.heads_from_features(maps, soft)
-    flags = pipeline.hosvd.is_out_of_distribution(maps)
+    blurred = pipeline.out_of_focus(images[test])
+    flags = pipeline.hosvd.is_out_of_distribution(maps) | blurred
     t2 = time.perf_counter()
     record: dict[str, Any] = {
         "fold": index + 1,
@@ -218,6 +219,7 @@ def _run_fold(
         },
         "test_groups": None if data.groups is None else sorted(set(data.groups[test].tolist())),
         "indeterminate_rate": float(flags.mean()),
+        "out_of_focus_rate": float(blurred.mean()),
         "heads": {
             head: {
                 "accuracy": float(np.mean(output.predicted == y[test])),
@@ -471,6 +473,7 @@ def cross_validate(
         "seconds_total": round(time.perf_counter() - start, 1),
         "parallel": {"workers": plan.workers, "threads": plan.threads},
         "indeterminate_rate_mean": float(np.mean([f["indeterminate_rate"] for f in fold_records])),
+        "out_of_focus_rate_mean": float(np.mean([f["out_of_focus_rate"] for f in fold_records])),
         "heads": summary,
         "per_fold": fold_records,
         "misclassified": misclassified,
@@ -630,8 +633,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"HOSVD out-of-distribution flag on held-out in-distribution cells: "
-        f"{_fmt(report['indeterminate_rate_mean'])}% (these are still counted with their nearest class above).",
+        f"Held-out in-distribution cells answered `indeterminate`: "
+        f"{_fmt(report['indeterminate_rate_mean'])}%, of which out of focus "
+        f"{_fmt(report['out_of_focus_rate_mean'])}% (all are still counted with their nearest "
+        "class above).",
         "",
         "## Per class (mean over folds, %)",
         "",

@@ -139,3 +139,23 @@ def prepare_batch(images: Sequence[np.ndarray], size: int, crop: float = 1.0) ->
     for i, image in enumerate(images):
         out[i] = square_resize(to_rgb_uint8(image, where=f"image {i}"), size, crop)
     return out
+
+
+#: A cell blurrier than all but this share of the training cells ...
+FOCUS_QUANTILE = 0.005
+#: ... by more than this factor is out of focus (``indeterminate``).
+FOCUS_MARGIN = 1.15
+
+
+def sharpness(batch: np.ndarray) -> np.ndarray:
+    """Focus of each prepared (n, s, s, 3) uint8 crop, as the model sees it: the RMS of the
+    grey image's Laplacian over its standard deviation (independent of contrast and
+    brightness; lower is blurrier, 0 for a flat image)."""
+    g = np.asarray(batch, dtype=np.float32).mean(axis=3)
+    lap = g[:, :-2, 1:-1] + g[:, 2:, 1:-1] + g[:, 1:-1, :-2] + g[:, 1:-1, 2:] - 4 * g[:, 1:-1, 1:-1]
+    return np.sqrt((lap**2).mean(axis=(1, 2))) / (g.std(axis=(1, 2)) + 1e-6)
+
+
+def focus_floor(training_batch: np.ndarray) -> float:
+    """The sharpness below which a crop is out of focus for a model trained on these crops."""
+    return float(np.quantile(sharpness(training_batch), FOCUS_QUANTILE) / FOCUS_MARGIN)

@@ -102,6 +102,14 @@ def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
         "exceeds that class's threshold (1.15 x the 99.5th percentile of held-out nearest-class "
         "residuals) or the feature-map energy lies outside the range seen in training.",
     ]
+    floor = manifest.get("preprocessing", {}).get("focus_floor")
+    if floor is not None:
+        lines.append(
+            f"- Out of focus: `indeterminate` when a crop's sharpness (Laplacian RMS over contrast, "
+            f"at the input size) is below {floor:.3g}, the 0.5th percentile of the training crops "
+            "/ 1.15. A change of microscope (magnification, stain, mild defocus) is not caught: "
+            "check the model on images from the microscope it serves."
+        )
     config = training.get("config")
     if config:
         lines.append(

@@ -30,6 +30,7 @@ from leuk_fhir.model.cnn import (
 )
 from leuk_fhir.model.dataset import Subclasses
 from leuk_fhir.model.hosvd import HOSVDClassifier
+from leuk_fhir.model.images import focus_floor, sharpness
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class FittedPipeline:
     seconds: dict[str, float] = field(default_factory=dict)
     #: the kinds of cell the heads were trained on, when classes hold several
     subclasses: Subclasses | None = None
+    #: crops less sharp than this are out of focus (:func:`~leuk_fhir.model.images.focus_floor`)
+    focus_floor: float | None = None
 
     @property
     def device(self) -> torch.device:
@@ -124,6 +127,12 @@ class FittedPipeline:
             self.device,
             dihedral=self.config.dihedral_average,
         )
+
+    def out_of_focus(self, images: np.ndarray) -> np.ndarray:
+        """True for prepared crops blurrier than the training crops (see ``focus_floor``)."""
+        if self.focus_floor is None:
+            return np.zeros(len(images), dtype=bool)
+        return sharpness(images) < self.focus_floor
 
     def predict_heads(self, images: np.ndarray) -> dict[str, HeadOutput]:
         """All three heads on prepared images."""
@@ -278,4 +287,5 @@ def fit_pipeline(
         history=history,
         seconds={"cnn": history.seconds, "extract": t1 - t0, "hosvd": t2 - t1, "svm": t3 - t2},
         subclasses=subclasses,
+        focus_floor=focus_floor(images),
     )

@@ -196,3 +196,29 @@ def test_stacked_feature_stages_are_balanced_and_survive_the_model_file(tmp_path
     assert "last 3 stages" in clf.info.model_card_markdown
     with pytest.raises(ValueError, match="feature_stages"):
         CNNConfig(n_classes=2, feature_stages=5)
+
+
+def test_blurred_cells_are_indeterminate_as_out_of_focus(tiny_model: Path, tmp_path: Path) -> None:
+    from scipy import ndimage
+
+    from leuk_fhir.model.artifact import read_artifact, write_artifact
+
+    clf = load_classifier(tiny_model, device="cpu")
+    assert clf.focus_floor is not None and clf.focus_floor > 0
+    sharp = [generate_cell(k, 300 + i, 96) for i, k in enumerate(["blast", "normal"] * 10)]
+    blurred = [ndimage.gaussian_filter(c, (6, 6, 0)) for c in sharp]
+    out = clf.run(sharp + blurred)
+    assert (out.focus_scores[:20] < 1).all() and (out.focus_scores[20:] > 1).all()
+    findings = clf.classify(blurred)
+    assert all(f.indeterminate for f in findings)
+    assert all("out of focus" in (f.indeterminate_reason or "") for f in findings)
+    # A model file from before the focus check has no floor: nothing is out of focus.
+    artifact = read_artifact(tiny_model)
+    manifest = dict(artifact.manifest)
+    manifest["preprocessing"] = {
+        k: v for k, v in manifest["preprocessing"].items() if k != "focus_floor"
+    }
+    old = tmp_path / "old.lfm"
+    write_artifact(old, manifest, artifact.cnn_state, artifact.hosvd_arrays)
+    legacy = load_classifier(old, device="cpu")
+    assert legacy.focus_floor is None and not legacy.run(blurred).focus_scores.any()

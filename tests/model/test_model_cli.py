@@ -168,5 +168,7 @@ def test_evaluate_splits_by_patient(tmp_path: Path) -> None:
     # Each training half holds two patients per class: the HOSVD head's inner CV is grouped too.
     assert all(f["hosvd_selection"]["inner_cv_grouped"] for f in report["per_fold"])
     assert "by patient (8 groups from --group-pattern" in (out / "report.md").read_text()
+    # Cells flagged out of focus are a part of those answered indeterminate.
+    assert all(0.0 <= f["out_of_focus_rate"] <= f["indeterminate_rate"] for f in report["per_fold"])
     # A pattern that misses images is one clear line and exit code 3, before any training.
     assert main([*args, "--group-pattern", "nomatch(\\d)", "--out", str(tmp_path / "x")]) == 3

@@ -95,3 +95,17 @@ def test_mixed_sizes_are_squared_without_distortion() -> None:
     assert squared.shape == (30, 30, 3)
     batch = prepare_batch([wide, generate_cell("blast", 1, 100), np.zeros((33, 33), np.uint8)], 32)
     assert batch.shape == (3, 32, 32, 3) and batch.dtype == np.uint8
+
+
+def test_sharpness_falls_with_blur_and_ignores_contrast() -> None:
+    from scipy import ndimage
+
+    from leuk_fhir.model.images import sharpness
+
+    cells = np.stack([generate_cell(k, i, 64) for i, k in enumerate(["blast", "normal"] * 4)])
+    blurred = np.stack([ndimage.gaussian_filter(c, (1.5, 1.5, 0)) for c in cells])
+    assert (sharpness(blurred) < 0.7 * sharpness(cells)).all()
+    # Halving the contrast around mid-grey leaves it (up to rounding to whole grey levels).
+    faint = (128 + (cells.astype(np.int16) - 128) // 2).astype(np.uint8)
+    assert np.allclose(sharpness(faint), sharpness(cells), rtol=0.1)
+    assert sharpness(np.full((2, 16, 16, 3), 90, np.uint8)).tolist() == [0.0, 0.0]
