@@ -345,19 +345,22 @@ def load_dataset(
     )
 
 
-def _kinds_from_names(items: list[LabelledImage], pattern: str) -> list[LabelledImage]:
+def _compile(option: str, pattern: str) -> re.Pattern[str]:
     try:
-        regex = re.compile(pattern)
+        return re.compile(pattern)
     except re.error as exc:
-        raise DatasetError(
-            f"--subclass-pattern {pattern!r} is not a regular expression: {exc}"
-        ) from None
-    out = []
-    for item in items:
-        match = regex.search(item.path.name)
-        kind = None if match is None else (match.group(1) if regex.groups else match.group(0))
-        out.append(replace(item, subclass=kind or item.subclass))
-    return out
+        raise DatasetError(f"{option} {pattern!r} is not a regular expression: {exc}") from None
+
+
+def _named_by(regex: re.Pattern[str], text: str) -> str | None:
+    """The first group of ``regex`` searched in ``text`` (or the whole match), else None."""
+    match = regex.search(text)
+    return None if match is None else (match.group(1) if regex.groups else match.group(0))
+
+
+def _kinds_from_names(items: list[LabelledImage], pattern: str) -> list[LabelledImage]:
+    regex = _compile("--subclass-pattern", pattern)
+    return [replace(i, subclass=_named_by(regex, i.path.name) or i.subclass) for i in items]
 
 
 def _assign_groups(
@@ -389,12 +392,7 @@ def _assign_groups(
 def _groups_from_paths(
     items: list[LabelledImage], source: Path, pattern: str
 ) -> list[LabelledImage]:
-    try:
-        regex = re.compile(pattern)
-    except re.error as exc:
-        raise DatasetError(
-            f"--group-pattern {pattern!r} is not a regular expression: {exc}"
-        ) from None
+    regex = _compile("--group-pattern", pattern)
     root = source if source.is_dir() else source.parent
     out, unmatched = [], []
     for item in items:
@@ -402,8 +400,7 @@ def _groups_from_paths(
             where = item.path.relative_to(root).as_posix()
         except ValueError:
             where = item.path.as_posix()
-        match = regex.search(where)
-        group = None if match is None else (match.group(1) if regex.groups else match.group(0))
+        group = _named_by(regex, where)
         if not group:
             unmatched.append(where)
         out.append(replace(item, group=group))
