@@ -32,7 +32,7 @@ from leuk_fhir.model.artifact import (
 from leuk_fhir.model.classes import cell_class_for
 from leuk_fhir.model.cnn import CellCNN, CNNConfig, extract, fuse_batch_norm, resolve_device
 from leuk_fhir.model.hosvd import HOSVDClassifier, feature_norms
-from leuk_fhir.model.images import prepare_batch, sharpness
+from leuk_fhir.model.images import focus_scores, prepare_batch
 from leuk_fhir.model.training import FittedPipeline
 
 DEMO_MODEL_RESOURCE = "demo-model.lfm"
@@ -129,11 +129,7 @@ class CellClassifier:
                 dihedral=self.dihedral_average,
             )
         residuals = self.hosvd.residuals(maps)
-        focus = (
-            np.zeros(len(batch))
-            if self.focus_floor is None
-            else self.focus_floor / np.maximum(sharpness(batch), 1e-9)
-        )
+        focus = focus_scores(batch, self.focus_floor)
         hosvd_scores = self.hosvd.out_of_distribution_scores(residuals, feature_norms(maps))
         return ClassificationBatch(
             probabilities=self.hosvd.predict_proba(maps)

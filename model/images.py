@@ -159,3 +159,11 @@ def sharpness(batch: np.ndarray) -> np.ndarray:
 def focus_floor(training_batch: np.ndarray) -> float:
     """The sharpness below which a crop is out of focus for a model trained on these crops."""
     return float(np.quantile(sharpness(training_batch), FOCUS_QUANTILE) / FOCUS_MARGIN)
+
+
+def focus_scores(batch: np.ndarray, floor: float | None) -> np.ndarray:
+    """``floor`` over each prepared crop's sharpness: above 1, out of focus (all 0 without a
+    floor, as for model files written before the focus check)."""
+    if floor is None:
+        return np.zeros(len(batch))
+    return floor / np.maximum(sharpness(batch), 1e-9)

@@ -30,7 +30,7 @@ from leuk_fhir.model.cnn import (
 )
 from leuk_fhir.model.dataset import Subclasses
 from leuk_fhir.model.hosvd import HOSVDClassifier
-from leuk_fhir.model.images import focus_floor, sharpness
+from leuk_fhir.model.images import focus_floor, focus_scores
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,7 @@ class FittedPipeline:
 
     def out_of_focus(self, images: np.ndarray) -> np.ndarray:
         """True for prepared crops blurrier than the training crops (see ``focus_floor``)."""
-        if self.focus_floor is None:
-            return np.zeros(len(images), dtype=bool)
-        return sharpness(images) < self.focus_floor
+        return focus_scores(images, self.focus_floor) > 1.0
 
     def predict_heads(self, images: np.ndarray) -> dict[str, HeadOutput]:
         """All three heads on prepared images."""
