@@ -42,6 +42,8 @@ PBC = REPO.parent / "shared" / "datasets" / "pbc"
 #: scores their ensemble as well as member 0 alone.
 VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "base": ("8class", "64", {}),
+    "c65": ("8class", "64c65", {}),
+    "c65-wd05": ("8class", "64c65", {"weight_decay": 0.05}),
     "e80": ("8class", "64", {"epochs": 80}),
     "e160": ("8class", "64", {"epochs": 160}),
     "s96-e80": ("8class", "96", {"image_size": 96, "epochs": 80}),

@@ -335,6 +335,7 @@ def train_cnn(
     device: torch.device,
     batch_size: int = 64,
     learning_rate: float = 4e-3,
+    weight_decay: float = 5e-4,
     progress: Callable[[int, float, float], None] | None = None,
     precision: str = "auto",
     augmentation: Augmentation = Augmentation(),
@@ -349,7 +350,7 @@ def train_cnn(
     generator = torch.Generator().manual_seed(seed)
     model = CellCNN(config).to(device).to(memory_format=torch.channels_last)
     dtype = resolve_precision(precision, device)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=5e-4)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     steps_per_epoch = max(1, math.ceil(len(images) / batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser,

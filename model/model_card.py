@@ -13,6 +13,10 @@ DEMO_WARNING = (
 )
 
 
+#: the weight decay of every model file written before it was recorded (2026-11-27)
+OLD_WEIGHT_DECAY = 5e-4
+
+
 def _pct(value: Any) -> str:
     return "n/a" if value is None else f"{100 * float(value):.2f}%"
 
@@ -113,7 +117,9 @@ def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
     config = training.get("config")
     if config:
         lines.append(
-            f"- Training: {training.get('history', {}).get('epochs', config.get('epochs'))} epochs, batch {config.get('batch_size')}, seed {config.get('seed')}, "
+            f"- Training: {training.get('history', {}).get('epochs', config.get('epochs'))} "
+            f"epochs, batch {config.get('batch_size')}, AdamW weight decay "
+            f"{config.get('weight_decay', OLD_WEIGHT_DECAY):g}, seed {config.get('seed')}, "
             f"{training.get('history', {}).get('precision', 'float32')} arithmetic, "
             f"{config.get('augmentation', 'standard')} augmentation."
         )
