@@ -55,6 +55,7 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "c60-ens2": ("8class", "64c60", {"members": 2}),
     "c60-ens3": ("8class", "64c60", {"members": 3}),
     "c60-ens3-e80": ("8class", "64c60", {"epochs": 80, "members": 3}),
+    "c65-ens2-e28": ("8class", "64c65", {"epochs": 28, "members": 2}),
     "binary-base": ("binary", "64", {}),
     "binary-e80": ("binary", "64", {"epochs": 80}),
 }
