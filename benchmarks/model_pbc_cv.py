@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from leuk_fhir.cli import main as cli_main
+from leuk_fhir.model.machine import machine_text
 
 REPO = Path(__file__).resolve().parent.parent
 PBC = REPO.parent / "shared" / "datasets" / "pbc"
@@ -70,6 +71,10 @@ def main() -> int:
         "HOSVD selections per fold:",
         [(s["channel_rank"], s["position_rank"], s["n_basis"], s["n_subspaces"]) for s in sel],
     )
+    precisions = sorted({f["precision"] for f in report["per_fold"]})
+    print(
+        f"machine: {machine_text(report.get('machine'))}; CNNs trained in {', '.join(precisions)}"
+    )
     plan = report.get("parallel", {})
     print(
         f"folds at a time: {plan.get('workers', 1)}, threads each: {plan.get('threads') or 'all'}"
@@ -85,6 +90,7 @@ def main() -> int:
         "cpu_s": cpu,
         "load_before": load_before,
         "load_after": os.getloadavg(),
+        "machine": report.get("machine"),
         "heads": {
             h: {"accuracy_mean": s["accuracy_mean"], "accuracy_std": s["accuracy_std"]}
             for h, s in report["heads"].items()

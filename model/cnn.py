@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from leuk_fhir.model.machine import native_bfloat16_cpu
+
 
 @dataclass(frozen=True)
 class CNNConfig:
@@ -203,11 +205,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    native = any(
-        bool(getattr(torch.cpu, probe, lambda: False)())
-        for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    )
-    return torch.bfloat16 if device.type == "cpu" and native else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and native_bfloat16_cpu() else torch.float32
 
 
 def to_tensor(

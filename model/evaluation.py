@@ -8,7 +8,6 @@ confusion-matrix and ROC plots (PNG).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,8 +18,10 @@ from typing import Any
 import numpy as np
 
 from leuk_fhir.errors import ResourceExhaustedError
+from leuk_fhir.model.cnn import resolve_device
 from leuk_fhir.model.dataset import CellDataset, Subclasses, stratified_folds
 from leuk_fhir.model.framing import Framing
+from leuk_fhir.model.machine import available_cores, describe_machine, machine_text
 from leuk_fhir.model.training import (
     HEADS,
     HeadOutput,
@@ -86,13 +87,6 @@ class FoldPlan:
 
     workers: int
     threads: int
-
-
-def available_cores() -> int:
-    """CPU cores this process may use (its affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 def available_memory() -> int | None:
@@ -472,6 +466,7 @@ def cross_validate(
         "config": config.to_json(),
         "seconds_total": round(time.perf_counter() - start, 1),
         "parallel": {"workers": plan.workers, "threads": plan.threads},
+        "machine": describe_machine(resolve_device(config.device)),
         "indeterminate_rate_mean": float(np.mean([f["indeterminate_rate"] for f in fold_records])),
         "out_of_focus_rate_mean": float(np.mean([f["out_of_focus_rate"] for f in fold_records])),
         "heads": summary,
@@ -583,6 +578,10 @@ def _epochs_text(report: dict[str, Any]) -> str:
     return "auto (" + ", ".join(map(str, used)) + ")"
 
 
+def _precision_text(report: dict[str, Any]) -> str:
+    return " and ".join(sorted({f.get("precision", "float32") for f in report["per_fold"]}))
+
+
 def _parallel_text(report: dict[str, Any]) -> str:
     plan = report.get("parallel") or {}
     if plan.get("workers", 1) <= 1:
@@ -619,7 +618,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"image size {report['config']['image_size']} px, framing: "
         f"{Framing(**data['framing']).describe() if 'framing' in data else 'whole image'}; "
         f"{_epochs_text(report)} epochs; "
-        f"{report['seconds_total']:.0f} s in total{_parallel_text(report)}."
+        f"{report['seconds_total']:.0f} s in total{_parallel_text(report)} on "
+        f"{machine_text(report.get('machine'))}, CNNs trained in {_precision_text(report)}."
         + _subclasses_text(data.get("subclasses")),
         "",
         "## Accuracy per head (mean +- std over folds, %)",

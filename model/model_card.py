@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from leuk_fhir.model.artifact import stage_depths_of
+from leuk_fhir.model.machine import machine_text
 
 DEMO_WARNING = (
     "> **DEMO MODEL - NOT FOR CLINICAL USE.** Trained only on procedurally generated synthetic "
@@ -121,7 +122,13 @@ def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
             f"epochs, batch {config.get('batch_size')}, AdamW weight decay "
             f"{config.get('weight_decay', OLD_WEIGHT_DECAY):g}, seed {config.get('seed')}, "
             f"{training.get('history', {}).get('precision', 'float32')} arithmetic, "
-            f"{config.get('augmentation', 'standard')} augmentation."
+            f"{config.get('augmentation', 'standard')} augmentation"
+            + (
+                f", in {training.get('history', {}).get('seconds', 0):.0f} s on "
+                f"{machine_text(training['machine'])}."
+                if training.get("machine")
+                else "."
+            )
         )
     evaluation = manifest.get("evaluation")
     lines += ["", "## Measured performance", ""]

@@ -12,6 +12,7 @@ import numpy as np
 
 from leuk_fhir.model.dataset import CellDataset
 from leuk_fhir.model.evaluation import cross_validate, evaluation_summary, flat_metrics
+from leuk_fhir.model.machine import describe_machine
 from leuk_fhir.model.training import FittedPipeline, TrainingConfig, fit_pipeline
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ def train_and_save(
             "seconds": pipeline.history.seconds,
             "precision": pipeline.history.precision,
         },
+        "machine": describe_machine(pipeline.device),
     }
     sha = save_pipeline(
         out,

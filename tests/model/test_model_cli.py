@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from leuk_fhir.cli import main
+from leuk_fhir.model.machine import machine_text
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +90,7 @@ def test_model_card_command(
         and "NOT FOR CLINICAL USE" not in text
         and "Training data" in text
     )
+    assert re.search(r"augmentation, in \d+ s on .+, \d+ (CPU )?cores", text)  # where it trained
 
 
 def test_evaluate_writes_reports_for_three_heads(synthetic_folder: Path, tmp_path: Path) -> None:
@@ -120,6 +123,12 @@ def test_evaluate_writes_reports_for_three_heads(synthetic_folder: Path, tmp_pat
     assert report["config"]["crop"] == report["dataset"]["framing"]["crop"] == 1.0
     markdown = (out / "report.md").read_text()
     assert "framing: whole image" in markdown
+    # The wall time names the machine and the arithmetic it came from.
+    machine = report["machine"]
+    assert machine["cores"] >= 1 and machine["cpu"] and machine["torch"]
+    precision = report["per_fold"][0]["precision"]
+    assert f"in total on {machine_text(machine)}, CNNs" in markdown
+    assert f"CNNs trained in {precision}." in markdown
     assert "confusion_matrix.png" in markdown and "roc.png" in markdown
     assert (out / "confusion_matrix.png").stat().st_size > 1000 and (
         out / "roc.png"

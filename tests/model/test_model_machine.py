@@ -1,0 +1,29 @@
+"""The machine a report's timings came from: recorded, and written in words."""
+
+from __future__ import annotations
+
+import torch
+
+from leuk_fhir.model.cnn import resolve_precision
+from leuk_fhir.model.machine import describe_machine, machine_text, native_bfloat16_cpu
+
+
+def test_the_machine_is_described_as_the_training_arithmetic_sees_it() -> None:
+    cpu = torch.device("cpu")
+    machine = describe_machine(cpu)
+    assert machine["cores"] >= 1 and machine["cpu"] and machine["gpu"] is None
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    # Auto precision follows the recorded bfloat16 capability.
+    assert machine["native_bfloat16"] is native_bfloat16_cpu()
+    expected = torch.bfloat16 if machine["native_bfloat16"] else torch.float32
+    assert resolve_precision("auto", cpu) == expected
+
+
+def test_machine_text_names_cpu_cores_and_arithmetic() -> None:
+    avx2 = {"cpu": "AMD EPYC", "cores": 2, "cpu_capability": "AVX2", "native_bfloat16": False}
+    assert machine_text(avx2) == "AMD EPYC, 2 cores, AVX2 (no native bfloat16)"
+    amx = {**avx2, "cpu": "Intel Xeon", "cpu_capability": "AVX512", "native_bfloat16": True}
+    assert machine_text(amx) == "Intel Xeon, 2 cores, AVX512 (native bfloat16)"
+    gpu = {**avx2, "cores": 16, "gpu": "NVIDIA H100 80GB HBM3"}
+    assert machine_text(gpu) == "NVIDIA H100 80GB HBM3 (GPU), 16 CPU cores"
+    assert machine_text(None) == "an unrecorded machine"
