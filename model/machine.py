@@ -1,9 +1,10 @@
 """The machine a model is trained and evaluated on, recorded beside timings and in model files.
 
 Training time depends less on the core count than on the processor's arithmetic: a CPU with
-native bfloat16 units (Intel AMX or AVX512-BF16) trains the CNN under bfloat16 about 4-5x
-faster than an AVX2-only CPU, which trains in float32 (docs/model.md, "Training time by
-processor"). A wall time means little without the machine that produced it.
+native bfloat16 units (Intel AMX or AVX512-BF16) trains the CNN under bfloat16, an AVX2-only
+one in float32; a training step took 4.7x as long on a 2-core AVX2-only CPU as on our 2-core
+AMX one (docs/model.md, "Training time by processor"). A wall time means little without the
+machine that produced it.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
             f"{training.get('history', {}).get('precision', 'float32')} arithmetic, "
             f"{config.get('augmentation', 'standard')} augmentation"
             + (
-                f", in {training.get('history', {}).get('seconds', 0):.0f} s on "
+                f"; the CNN trained in {training.get('history', {}).get('seconds', 0):.0f} s on "
                 f"{machine_text(training['machine'])}."
                 if training.get("machine")
                 else "."

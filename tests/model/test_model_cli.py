@@ -90,7 +90,8 @@ def test_model_card_command(
         and "NOT FOR CLINICAL USE" not in text
         and "Training data" in text
     )
-    assert re.search(r"augmentation, in \d+ s on .+, \d+ (CPU )?cores", text)  # where it trained
+    # ... and where and how long its CNN trained
+    assert re.search(r"augmentation; the CNN trained in \d+ s on .+, \d+ (CPU )?cores", text)
 
 
 def test_evaluate_writes_reports_for_three_heads(synthetic_folder: Path, tmp_path: Path) -> None:
