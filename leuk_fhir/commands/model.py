@@ -221,7 +221,11 @@ def _crop_request(args: argparse.Namespace) -> float | None:
 
 
 def _load(args: argparse.Namespace, config: TrainingConfig) -> CellDataset:
+    """Read the dataset and say how it is framed, what will train it on which machine, and
+    what was grouped or dropped (on stderr)."""
+    from leuk_fhir.model.cnn import resolve_device, resolve_precision
     from leuk_fhir.model.dataset import load_dataset
+    from leuk_fhir.model.machine import describe_machine, training_text
     from leuk_fhir.settings import load_settings
 
     settings = load_settings(args.config)
@@ -240,6 +244,9 @@ def _load(args: argparse.Namespace, config: TrainingConfig) -> CellDataset:
         groups=not args.no_groups,
     )
     print(f"framing: {dataset.framing.describe()}", file=sys.stderr)
+    device = resolve_device(config.device)
+    machine = describe_machine(device)
+    print(training_text(machine, resolve_precision(config.precision, device)), file=sys.stderr)
     if dataset.groups is not None:
         print(
             f"patients: {len(set(dataset.groups.tolist()))} groups from {dataset.grouping}; "

@@ -94,7 +94,9 @@ def test_model_card_command(
     assert re.search(r"augmentation; the CNN trained in \d+ s on .+, \d+ (CPU )?cores", text)
 
 
-def test_evaluate_writes_reports_for_three_heads(synthetic_folder: Path, tmp_path: Path) -> None:
+def test_evaluate_writes_reports_for_three_heads(
+    synthetic_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "eval"
     assert (
         main(
@@ -130,6 +132,12 @@ def test_evaluate_writes_reports_for_three_heads(synthetic_folder: Path, tmp_pat
     precision = report["per_fold"][0]["precision"]
     assert f"in total on {machine_text(machine)}, CNNs" in markdown
     assert f"CNNs trained in {precision}." in markdown
+    # Before training it says what trains on which machine; each fold's result as it ends.
+    err = capsys.readouterr().err
+    assert f"CNN training in {precision} on {machine_text(machine)}" in err
+    for fold in report["per_fold"]:
+        accuracy = 100 * fold["heads"]["hosvd"]["accuracy"]
+        assert f"fold {fold['fold']}/2: hosvd {accuracy:.2f}%" in err
     assert "confusion_matrix.png" in markdown and "roc.png" in markdown
     assert (out / "confusion_matrix.png").stat().st_size > 1000 and (
         out / "roc.png"
