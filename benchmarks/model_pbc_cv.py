@@ -45,7 +45,9 @@ def main() -> int:
     if extra:
         name += "-" + "-".join(a.strip("-") for a in extra)
     out = args.out or REPO / "benchmarks" / "results" / name
-    argv = ["evaluate", str(args.data), "--folds", str(args.folds), "--out", str(out), *extra]
+    # --fresh: a timing trains every fold (no folds kept from an interrupted earlier run)
+    argv = ["evaluate", str(args.data), "--folds", str(args.folds), "--out", str(out), "--fresh"]
+    argv += extra
     if args.binary:
         argv += ["--binary-positive", "lymphocyte"]
     load_before = os.getloadavg()

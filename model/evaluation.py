@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 
 from leuk_fhir.errors import ResourceExhaustedError
-from leuk_fhir.model.cnn import resolve_device
+from leuk_fhir.model.cnn import resolve_device, resolve_precision
 from leuk_fhir.model.dataset import CellDataset, Subclasses, stratified_folds
+from leuk_fhir.model.fold_store import FoldOutcome, FoldStore, run_identity
 from leuk_fhir.model.framing import Framing
 from leuk_fhir.model.machine import available_cores, describe_machine, machine_text
 from leuk_fhir.model.training import (
     HEADS,
-    HeadOutput,
     TrainingConfig,
     fit_pipeline,
     resolve_epochs,
@@ -134,13 +134,6 @@ def plan_folds(
     return FoldPlan(workers, threads)
 
 
-@dataclass
-class _FoldOutcome:
-    record: dict[str, Any]
-    outputs: dict[str, HeadOutput]
-    indeterminate: np.ndarray
-
-
 @dataclass(frozen=True)
 class _FoldData:
     """What every fold trains and tests on (sent once to each worker process)."""
@@ -171,7 +164,7 @@ def _run_fold(
     test: np.ndarray,
     config: TrainingConfig,
     on_epoch: Callable[[int, float, float], None] | None = None,
-) -> _FoldOutcome:
+) -> FoldOutcome:
     """Fit the pipeline on one fold's training part and score every head on its test part."""
     images, y, class_names = data.images, data.y, data.class_names
     t0 = time.perf_counter()
@@ -221,7 +214,7 @@ def _run_fold(
             for head, output in heads.items()
         },
     }
-    return _FoldOutcome(record, heads, flags)
+    return FoldOutcome(record, heads, flags)
 
 
 def _epoch_bar(
@@ -272,7 +265,7 @@ def _init_worker(data: _FoldData, threads: int, events: Any) -> None:
 
 def _worker_fold(
     index: int, train: np.ndarray, test: np.ndarray, config: TrainingConfig
-) -> tuple[int, _FoldOutcome]:
+) -> tuple[int, FoldOutcome]:
     events = _WORKER["events"]
 
     def on_epoch(epoch: int, loss: float, accuracy: float) -> None:
@@ -285,11 +278,14 @@ def _worker_fold(
 def _run_parallel(
     dataset: CellDataset,
     splits: list[tuple[np.ndarray, np.ndarray]],
+    todo: list[int],
     config: TrainingConfig,
     plan: FoldPlan,
-    progress: bool,
-) -> list[_FoldOutcome]:
-    """Folds in ``plan.workers`` spawned processes; one progress bar over all their epochs."""
+    bar: Any,
+    on_done: Callable[[int, FoldOutcome], None],
+) -> None:
+    """Folds ``todo`` in ``plan.workers`` spawned processes, ``on_done`` called in this process
+    as each ends; ``bar`` (or None) counts all their epochs."""
     import multiprocessing
     import queue
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -297,12 +293,7 @@ def _run_parallel(
 
     context = multiprocessing.get_context("spawn")
     events = context.Queue()
-    outcomes: dict[int, _FoldOutcome] = {}
-    bar = (
-        _epoch_bar(splits, config, f"cross-validation, {plan.workers} folds at a time")
-        if progress
-        else None
-    )
+    done_count = 0
     pool = ProcessPoolExecutor(
         plan.workers,
         mp_context=context,
@@ -310,10 +301,7 @@ def _run_parallel(
         initargs=(_FoldData.of(dataset), plan.threads, events),
     )
     try:
-        pending = {
-            pool.submit(_worker_fold, i, train, test, config)
-            for i, (train, test) in enumerate(splits)
-        }
+        pending = {pool.submit(_worker_fold, i, *splits[i], config) for i in todo}
         while pending:
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             while True:
@@ -325,9 +313,10 @@ def _run_parallel(
                     bar.update(1)
             for future in done:
                 index, outcome = future.result()
-                outcomes[index] = outcome
+                on_done(index, outcome)
+                done_count += 1
                 if bar is not None:
-                    bar.set_postfix({"folds done": len(outcomes)})
+                    bar.set_postfix({"folds done": done_count})
                     bar.write(_fold_line(outcome.record, len(splits)), file=sys.stderr)
     except BrokenProcessPool as error:
         raise ResourceExhaustedError(
@@ -337,9 +326,6 @@ def _run_parallel(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         events.close()
-        if bar is not None:
-            bar.close()
-    return [outcomes[i] for i in range(len(splits))]
 
 
 #: Misclassified held-out cells shown in the report's contact sheet (most confident first).
@@ -348,7 +334,7 @@ ERROR_SHEET_CELLS = 48
 
 def _misclassified(
     dataset: CellDataset,
-    outcomes: list[_FoldOutcome],
+    outcomes: list[FoldOutcome],
     splits: list[tuple[np.ndarray, np.ndarray]],
 ) -> dict[str, list[dict[str, Any]]]:
     """Every held-out cell a head got wrong, most confident first: the list to review for
@@ -384,18 +370,52 @@ def cross_validate(
     progress: bool = False,
     workers: int = 0,
     threads: int = 0,
+    keep: Path | None = None,
 ) -> dict[str, Any]:
     """Train and score every head on the same ``folds`` deterministic (grouped) splits.
 
     Folds run in parallel processes where that pays (see :func:`plan_folds`; ``workers`` 0 =
     auto). A fold's result depends on its seed and its thread count, not on which process ran
-    it: the same plan gives the same report, in-process or not.
+    it: the same plan gives the same report, in-process or not. With ``keep`` (a folder), each
+    finished fold is written there and folds an earlier, interrupted run of the same job left
+    there are reused, not trained again (:mod:`leuk_fhir.model.fold_store`).
     """
     config = replace(config, crop=dataset.framing.crop)
     splits = stratified_folds(dataset.labels, folds, seed=config.seed, groups=dataset.groups)
     y = dataset.y
     n_classes = len(dataset.class_names)
     start = time.perf_counter()
+    device = resolve_device(config.device)
+    machine = describe_machine(device)
+    store = None
+    kept: dict[int, FoldOutcome] = {}
+    if keep is not None:
+        settings = {
+            "config": config.to_json(),
+            "folds": folds,
+            "classes": list(dataset.class_names),
+            "subclasses": dataset.summary()["subclasses"],
+            "precision": str(resolve_precision(config.precision, device)),
+            "machine": {k: v for k, v in machine.items() if k != "cores"},
+        }
+        arrays = [dataset.images, y, dataset.sub_y, dataset.groups]
+        store = FoldStore(keep, run_identity(arrays, splits, settings))
+        for i, (_, test) in enumerate(splits):
+            outcome, note = store.load(i, len(test), n_classes)
+            if note and progress:
+                print(note, file=sys.stderr)
+            if outcome is not None:
+                kept[i] = outcome
+                if progress:
+                    line = _fold_line(outcome.record, len(splits))
+                    print(f"{line}, kept from an earlier run in {store.path(i)}", file=sys.stderr)
+    todo = [i for i in range(len(splits)) if i not in kept]
+
+    def finished(index: int, outcome: FoldOutcome) -> None:
+        kept[index] = outcome
+        if store is not None:
+            store.save(index, outcome)
+
     train_size = max(len(train) for train, _ in splits)
     plan = plan_folds(
         len(splits),
@@ -405,26 +425,35 @@ def cross_validate(
         workers,
         threads,
     )
-    if plan.workers > 1:
-        outcomes = _run_parallel(dataset, splits, config, plan, progress)
-    else:
-        outcomes = []
-        bar = _epoch_bar(splits, config, "cross-validation") if progress else None
-        data = _FoldData.of(dataset)
-        with _thread_limit(plan.threads):
-            for i, (train, test) in enumerate(splits):
+    # Folds left by an interrupted run train with the threads the whole run would have used.
+    plan = replace(plan, workers=max(1, min(plan.workers, len(todo))))
+    remaining = [splits[i] for i in todo]
+    bar = None
+    if progress and todo:
+        where = f", {plan.workers} folds at a time" if plan.workers > 1 else ""
+        bar = _epoch_bar(remaining, config, f"cross-validation{where}")
+    try:
+        if plan.workers > 1:
+            _run_parallel(dataset, splits, todo, config, plan, bar, finished)
+        else:
+            data = _FoldData.of(dataset)
+            with _thread_limit(plan.threads):
+                for i in todo:
 
-                def on_epoch(epoch: int, loss: float, accuracy: float, fold: int = i) -> None:
+                    def on_epoch(epoch: int, loss: float, accuracy: float, fold: int = i) -> None:
+                        if bar is not None:
+                            bar.set_postfix(fold=f"{fold + 1}/{len(splits)}", loss=f"{loss:.3f}")
+                            bar.update(1)
+
+                    outcome = _run_fold(data, i, *splits[i], config, on_epoch=on_epoch)
+                    finished(i, outcome)
                     if bar is not None:
-                        bar.set_postfix(fold=f"{fold + 1}/{len(splits)}", loss=f"{loss:.3f}")
-                        bar.update(1)
-
-                outcome = _run_fold(data, i, train, test, config, on_epoch=on_epoch)
-                outcomes.append(outcome)
-                if bar is not None:
-                    bar.write(_fold_line(outcome.record, len(splits)), file=sys.stderr)
+                        bar.write(_fold_line(outcome.record, len(splits)), file=sys.stderr)
+    finally:
         if bar is not None:
             bar.close()
+    resumed = sorted(set(range(len(splits))) - set(todo))
+    outcomes = [kept[i] for i in range(len(splits))]
     fold_records = [o.record for o in outcomes]
     pooled: dict[str, dict[str, list[np.ndarray]]] = {
         h: {"true": [], "pred": [], "scores": []} for h in HEADS
@@ -470,7 +499,8 @@ def cross_validate(
         "config": config.to_json(),
         "seconds_total": round(time.perf_counter() - start, 1),
         "parallel": {"workers": plan.workers, "threads": plan.threads},
-        "machine": describe_machine(resolve_device(config.device)),
+        "resumed_folds": [i + 1 for i in resumed],
+        "machine": machine,
         "indeterminate_rate_mean": float(np.mean([f["indeterminate_rate"] for f in fold_records])),
         "out_of_focus_rate_mean": float(np.mean([f["out_of_focus_rate"] for f in fold_records])),
         "heads": summary,
@@ -594,6 +624,18 @@ def _parallel_text(report: dict[str, Any]) -> str:
     return f" ({plan['workers']} folds at a time{threads})"
 
 
+def _resumed_text(report: dict[str, Any]) -> str:
+    resumed = report.get("resumed_folds") or []
+    if not resumed:
+        return ""
+    which = ", ".join(map(str, resumed))
+    return (
+        f" Fold(s) {which} were kept from an earlier, interrupted run of the same job (same "
+        "crops, splits, settings and software) and not trained again: the total above is this "
+        "run's, their train times are from that run."
+    )
+
+
 def _subclasses_text(subclasses: dict[str, list[str]] | None) -> str:
     if not subclasses:
         return ""
@@ -624,6 +666,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{_epochs_text(report)} epochs; "
         f"{report['seconds_total']:.0f} s in total{_parallel_text(report)} on "
         f"{machine_text(report.get('machine'))}, CNNs trained in {_precision_text(report)}."
+        + _resumed_text(report)
         + _subclasses_text(data.get("subclasses")),
         "",
         "## Accuracy per head (mean +- std over folds, %)",

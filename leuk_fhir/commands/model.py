@@ -156,6 +156,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--folds", type=int, default=5, help="number of folds (default %(default)s)"
     )
     evaluate.add_argument("--out", type=Path, required=True, help="output folder")
+    evaluate.add_argument(
+        "--fresh",
+        action="store_true",
+        help="train every fold again, discarding the folds an interrupted earlier run of this "
+        "job kept in OUT/folds (by default they are reused)",
+    )
     _training_options(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
@@ -290,17 +296,36 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from leuk_fhir.model.evaluation import cross_validate, write_report
+    from leuk_fhir.model.fold_store import clear_folds
     from leuk_fhir.settings import load_settings
 
     config = _config(args, load_settings(args.config).model.device)
     dataset = _load(args, config)
-    report = cross_validate(dataset, args.folds, config, progress=True, workers=args.workers)
+    keep = args.out / "folds"
+    if args.fresh:
+        clear_folds(keep)
+    try:
+        report = cross_validate(
+            dataset, args.folds, config, progress=True, workers=args.workers, keep=keep
+        )
+    except KeyboardInterrupt:
+        finished = sorted(keep.glob("fold-*.npz"))
+        if finished:
+            print(
+                f"leuk-fhir: {len(finished)} finished fold(s) kept in {keep}; the same command "
+                "continues from there (--fresh starts over)",
+                file=sys.stderr,
+            )
+        raise
     path = write_report(report, args.out)
+    clear_folds(keep)
     for head, s in report["heads"].items():
         print(
             f"{head:8s} accuracy {100 * s['accuracy_mean']:.2f}% +- {100 * s['accuracy_std']:.2f}"
         )
-    print(f"wrote {path} and {args.out / 'report.md'} ({report['seconds_total']:.0f} s)")
+    resumed = report["resumed_folds"]
+    reused = f"; fold(s) {', '.join(map(str, resumed))} from an earlier run" if resumed else ""
+    print(f"wrote {path} and {args.out / 'report.md'} ({report['seconds_total']:.0f} s{reused})")
     return 0
 
 

@@ -190,3 +190,50 @@ def test_evaluate_splits_by_patient(tmp_path: Path) -> None:
     assert all(0.0 <= f["out_of_focus_rate"] <= f["indeterminate_rate"] for f in report["per_fold"])
     # A pattern that misses images is one clear line and exit code 3, before any training.
     assert main([*args, "--group-pattern", "nomatch(\\d)", "--out", str(tmp_path / "x")]) == 3
+
+
+def test_evaluate_stopped_by_ctrl_c_continues_where_it_stopped(
+    synthetic_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "eval"
+    args = ["evaluate", str(synthetic_folder), "--folds", "3", "--epochs", "20"]
+    args += ["--image-size", "32", "--out", str(out)]
+    # A real Ctrl-C: SIGINT to a running `leuk-fhir evaluate` once its first fold is kept.
+    run = subprocess.Popen(
+        [sys.executable, "-m", "leuk_fhir", *args], stderr=subprocess.PIPE, text=True
+    )
+    first = out / "folds" / "fold-1.npz"
+    deadline = time.monotonic() + 300
+    while not first.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert f"kept in {out / 'folds'}; the same command continues from there" in err
+    assert not (out / "report.json").exists()
+    saved = tmp_path / "fold-1.npz"
+    shutil.copy(first, saved)
+
+    # The same command continues: the kept fold is not trained again.
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "fold 1/3: hosvd" in err and "kept from an earlier run" in err
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed_folds"][0] == 1 and len(report["per_fold"]) == 3
+    assert "were kept from an earlier, interrupted run" in (out / "report.md").read_text()
+    assert not (out / "folds").exists()  # the report holds them now
+
+    # --fresh trains every fold again, whatever an earlier run kept.
+    (out / "folds").mkdir()
+    shutil.copy(saved, out / "folds" / "fold-1.npz")
+    assert main([*args, "--fresh"]) == 0
+    assert "kept from an earlier run" not in capsys.readouterr().err
+    fresh = json.loads((out / "report.json").read_text())
+    assert fresh["resumed_folds"] == []
+    assert [f["heads"] for f in fresh["per_fold"]] == [f["heads"] for f in report["per_fold"]]

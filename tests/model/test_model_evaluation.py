@@ -1,4 +1,5 @@
-"""Cross-validation: parallel folds equal in-process folds; every error is listed for review."""
+"""Cross-validation: parallel folds equal in-process folds; every error is listed for review; an
+interrupted run continues from the folds it kept."""
 
 from __future__ import annotations
 
@@ -27,10 +28,16 @@ def _predictions(report: dict) -> list:
     ]
 
 
-def test_parallel_folds_match_in_process_folds() -> None:
+def test_parallel_folds_match_in_process_folds(tmp_path: Path) -> None:
     ds = synthetic_dataset(9, seed=4, image_size=TINY_CONFIG.image_size, cell_size=64)
     serial = cross_validate(ds, 3, TINY_CONFIG, workers=1, threads=1)
-    parallel = cross_validate(ds, 3, TINY_CONFIG, workers=2, threads=1)
+    parallel = cross_validate(ds, 3, TINY_CONFIG, workers=2, threads=1, keep=tmp_path / "folds")
+    # The parent process keeps each fold the workers finish.
+    assert sorted(p.name for p in (tmp_path / "folds").iterdir()) == [
+        "fold-1.npz",
+        "fold-2.npz",
+        "fold-3.npz",
+    ]
     assert serial["parallel"] == {"workers": 1, "threads": 1}
     assert parallel["parallel"] == {"workers": 2, "threads": 1}
     assert [f["fold"] for f in parallel["per_fold"]] == [1, 2, 3]  # in fold order, not finish order
@@ -118,3 +125,60 @@ def test_a_worker_killed_mid_run_stops_with_a_typed_error() -> None:
         cross_validate(ds, 2, replace(TINY_CONFIG, epochs=200), workers=2, threads=1)
     killer.join()
     assert killed and "--workers 1" in str(error.value)
+
+
+def test_an_interrupted_run_continues_from_the_folds_it_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from leuk_fhir.model.fold_store import FoldStore
+
+    ds = synthetic_dataset(9, seed=4, image_size=TINY_CONFIG.image_size, cell_size=64)
+    uninterrupted = cross_validate(ds, 3, TINY_CONFIG, workers=1)
+    keep = tmp_path / "folds"
+    cross_validate(ds, 3, TINY_CONFIG, workers=1, keep=keep)
+    assert sorted(p.name for p in keep.iterdir()) == ["fold-1.npz", "fold-2.npz", "fold-3.npz"]
+    # A run that stopped after its first fold: only fold 1 is on disk. Mark its record, so the
+    # resumed report shows whether it was read back rather than trained again.
+    (keep / "fold-2.npz").unlink()
+    (keep / "fold-3.npz").unlink()
+    with np.load(keep / "fold-1.npz", allow_pickle=False) as data:
+        kept = {name: data[name] for name in data.files}
+    record = json.loads(str(kept["record"]))
+    record["seconds_train"] = 12345.0
+    kept["record"] = np.array(json.dumps(record))
+    np.savez(keep / "fold-1.npz", **kept)
+    resumed = cross_validate(ds, 3, TINY_CONFIG, workers=1, keep=keep, progress=True)
+    assert resumed["resumed_folds"] == [1]
+    assert resumed["per_fold"][0]["seconds_train"] == 12345.0
+    assert "fold 1/3: hosvd" in capsys.readouterr().err
+    # Everything else is the report the uninterrupted run wrote.
+    assert _predictions(resumed) == _predictions(uninterrupted)
+    assert resumed["misclassified"] == uninterrupted["misclassified"]
+    for head in ("hosvd", "softmax", "svm"):
+        assert np.array_equal(
+            resumed["_roc"][head]["scores"], uninterrupted["_roc"][head]["scores"]
+        )
+    write_report(resumed, tmp_path / "report")
+    assert "Fold(s) 1 were kept from an earlier" in (tmp_path / "report" / "report.md").read_text()
+
+    # Other settings are another run: nothing is reused, and its own folds replace the files.
+    other = cross_validate(ds, 3, replace(TINY_CONFIG, epochs=2), workers=1, keep=keep)
+    assert other["resumed_folds"] == []
+    assert cross_validate(ds, 3, replace(TINY_CONFIG, epochs=2), workers=1, keep=keep)[
+        "resumed_folds"
+    ] == [1, 2, 3]
+    # A truncated file is set aside with a note and its fold trained again; no error.
+    (keep / "fold-2.npz").write_bytes((keep / "fold-2.npz").read_bytes()[:100])
+    again = cross_validate(
+        ds, 3, replace(TINY_CONFIG, epochs=2), workers=1, keep=keep, progress=True
+    )
+    assert again["resumed_folds"] == [1, 3]
+    assert "fold-2.npz cannot be read" in capsys.readouterr().err
+    assert _predictions(again) == _predictions(other)
+    # A file of this run whose arrays do not fit the fold is not used either.
+    with np.load(keep / "fold-1.npz", allow_pickle=False) as data:
+        store = FoldStore(keep, str(data["identity"]))
+    test_size = again["per_fold"][0]["test_images"]
+    assert store.load(0, test_size, 2)[0] is not None
+    outcome, note = store.load(0, test_size + 1, 2)
+    assert outcome is None and note is not None and "does not fit fold 1" in note
