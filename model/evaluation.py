@@ -412,9 +412,19 @@ def cross_validate(
     todo = [i for i in range(len(splits)) if i not in kept]
 
     def finished(index: int, outcome: FoldOutcome) -> None:
+        nonlocal store
         kept[index] = outcome
-        if store is not None:
+        if store is None:
+            return
+        try:
             store.save(index, outcome)
+        except OSError as error:  # a full or read-only disk costs the resume, not the run
+            print(
+                f"cannot keep fold {index + 1} in {store.folder} ({error}); the run goes on, "
+                "but if it is interrupted its folds are lost",
+                file=sys.stderr,
+            )
+            store = None
 
     train_size = max(len(train) for train, _ in splits)
     plan = plan_folds(

@@ -12,6 +12,7 @@ import numpy as np
 
 from leuk_fhir.model.dataset import CellDataset
 from leuk_fhir.model.evaluation import cross_validate, evaluation_summary, flat_metrics
+from leuk_fhir.model.fold_store import clear_folds
 from leuk_fhir.model.machine import describe_machine
 from leuk_fhir.model.training import FittedPipeline, TrainingConfig, fit_pipeline
 
@@ -50,13 +51,16 @@ def train_and_save(
     is_demo: bool = False,
     cv_folds: int = 0,
     cv_workers: int = 0,
+    cv_keep: Path | None = None,
     progress: bool = False,
     description: str = "",
     extra_manifest: dict[str, Any] | None = None,
 ) -> tuple[FittedPipeline, str, dict[str, Any] | None]:
     """Optionally cross-validate, then fit on all data and write the model file.
 
-    Returns the fitted pipeline, the file's SHA-256 and the cross-validation report (or None).
+    ``cv_keep``: a folder where finished folds are kept until the file is written, so that an
+    interrupted run continues (:mod:`leuk_fhir.model.fold_store`). Returns the fitted pipeline,
+    the file's SHA-256 and the cross-validation report (or None).
     """
     from leuk_fhir.model.classifier import save_pipeline
 
@@ -64,7 +68,9 @@ def train_and_save(
     report = None
     metrics: dict[str, float] = {}
     if cv_folds:
-        report = cross_validate(dataset, cv_folds, config, progress=progress, workers=cv_workers)
+        report = cross_validate(
+            dataset, cv_folds, config, progress=progress, workers=cv_workers, keep=cv_keep
+        )
         metrics = flat_metrics(report)
     pipeline = fit_pipeline(
         dataset.images,
@@ -108,6 +114,8 @@ def train_and_save(
     if extra_manifest:
         _amend_manifest(out, extra_manifest)
         sha = hashlib.sha256(Path(out).read_bytes()).hexdigest()
+    if cv_keep is not None:
+        clear_folds(cv_keep)
     return pipeline, sha, report
 
 

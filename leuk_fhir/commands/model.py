@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +17,36 @@ if TYPE_CHECKING:
     from leuk_fhir.model.training import TrainingConfig
 
 _DEFAULTS = {"epochs": 0, "image_size": 64, "seed": 0, "feature_stages": 1}
+
+
+def _fresh_option(parser: argparse.ArgumentParser, where: str) -> None:
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="train every fold again, discarding the folds an interrupted earlier run of this "
+        f"job kept in {where} (by default they are reused)",
+    )
+
+
+@contextmanager
+def _kept_folds(keep: Path, fresh: bool) -> Iterator[None]:
+    """Around a cross-validation that keeps its folds in ``keep``: start over with ``fresh``;
+    on Ctrl-C, say how many folds are kept and that the same command continues."""
+    from leuk_fhir.model.fold_store import clear_folds
+
+    if fresh:
+        clear_folds(keep)
+    try:
+        yield
+    except KeyboardInterrupt:
+        finished = sorted(keep.glob("fold-*.npz"))
+        if finished:
+            print(
+                f"leuk-fhir: {len(finished)} finished fold(s) kept in {keep}; the same command "
+                "continues from there (--fresh starts over)",
+                file=sys.stderr,
+            )
+        raise
 
 
 def _training_options(parser: argparse.ArgumentParser) -> None:
@@ -135,6 +167,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0,
         help="also cross-validate with K folds and store the figures",
     )
+    _fresh_option(train, "OUT.folds")
     train.add_argument(
         "--name", default="leuk-fhir-cnn-hosvd", help="model name (default %(default)s)"
     )
@@ -156,12 +189,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--folds", type=int, default=5, help="number of folds (default %(default)s)"
     )
     evaluate.add_argument("--out", type=Path, required=True, help="output folder")
-    evaluate.add_argument(
-        "--fresh",
-        action="store_true",
-        help="train every fold again, discarding the folds an interrupted earlier run of this "
-        "job kept in OUT/folds (by default they are reused)",
-    )
+    _fresh_option(evaluate, "OUT/folds")
     _training_options(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
@@ -278,16 +306,19 @@ def _train(args: argparse.Namespace) -> int:
 
     config = _config(args, load_settings(args.config).model.device)
     dataset = _load(args, config)
-    _, sha, report = train_and_save(
-        dataset,
-        args.out,
-        config,
-        name=args.name,
-        version=args.model_version,
-        cv_folds=args.cv_folds,
-        cv_workers=args.workers,
-        progress=True,
-    )
+    keep = args.out.with_name(args.out.name + ".folds")
+    with _kept_folds(keep, args.fresh):
+        _, sha, report = train_and_save(
+            dataset,
+            args.out,
+            config,
+            name=args.name,
+            version=args.model_version,
+            cv_folds=args.cv_folds,
+            cv_workers=args.workers,
+            cv_keep=keep if args.cv_folds else None,
+            progress=True,
+        )
     print(f"wrote {args.out} (sha256 {sha})")
     if report:
         print(" ".join(f"{h}: {100 * s['accuracy_mean']:.2f}%" for h, s in report["heads"].items()))
@@ -302,21 +333,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     config = _config(args, load_settings(args.config).model.device)
     dataset = _load(args, config)
     keep = args.out / "folds"
-    if args.fresh:
-        clear_folds(keep)
-    try:
+    with _kept_folds(keep, args.fresh):
         report = cross_validate(
             dataset, args.folds, config, progress=True, workers=args.workers, keep=keep
         )
-    except KeyboardInterrupt:
-        finished = sorted(keep.glob("fold-*.npz"))
-        if finished:
-            print(
-                f"leuk-fhir: {len(finished)} finished fold(s) kept in {keep}; the same command "
-                "continues from there (--fresh starts over)",
-                file=sys.stderr,
-            )
-        raise
     path = write_report(report, args.out)
     clear_folds(keep)
     for head, s in report["heads"].items():

@@ -192,30 +192,37 @@ def test_evaluate_splits_by_patient(tmp_path: Path) -> None:
     assert main([*args, "--group-pattern", "nomatch(\\d)", "--out", str(tmp_path / "x")]) == 3
 
 
-def test_evaluate_stopped_by_ctrl_c_continues_where_it_stopped(
-    synthetic_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    import shutil
+def _stop_with_ctrl_c_once_kept(args: list[str], kept: Path) -> str:
+    """Run ``leuk-fhir ARGS`` in a child process and send it a real SIGINT (Ctrl-C) as soon as
+    the file ``kept`` (its first finished fold) appears; returns its stderr."""
     import signal
     import subprocess
     import sys
     import time
 
-    out = tmp_path / "eval"
-    args = ["evaluate", str(synthetic_folder), "--folds", "3", "--epochs", "20"]
-    args += ["--image-size", "32", "--out", str(out)]
-    # A real Ctrl-C: SIGINT to a running `leuk-fhir evaluate` once its first fold is kept.
     run = subprocess.Popen(
         [sys.executable, "-m", "leuk_fhir", *args], stderr=subprocess.PIPE, text=True
     )
-    first = out / "folds" / "fold-1.npz"
     deadline = time.monotonic() + 300
-    while not first.exists() and run.poll() is None and time.monotonic() < deadline:
+    while not kept.exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 130, err
-    assert f"kept in {out / 'folds'}; the same command continues from there" in err
+    assert f"kept in {kept.parent}; the same command continues from there" in err
+    return err
+
+
+def test_evaluate_stopped_by_ctrl_c_continues_where_it_stopped(
+    synthetic_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    out = tmp_path / "eval"
+    args = ["evaluate", str(synthetic_folder), "--folds", "3", "--epochs", "20"]
+    args += ["--image-size", "32", "--out", str(out)]
+    first = out / "folds" / "fold-1.npz"
+    _stop_with_ctrl_c_once_kept(args, first)
     assert not (out / "report.json").exists()
     saved = tmp_path / "fold-1.npz"
     shutil.copy(first, saved)
@@ -237,3 +244,20 @@ def test_evaluate_stopped_by_ctrl_c_continues_where_it_stopped(
     fresh = json.loads((out / "report.json").read_text())
     assert fresh["resumed_folds"] == []
     assert [f["heads"] for f in fresh["per_fold"]] == [f["heads"] for f in report["per_fold"]]
+
+
+def test_train_with_cv_folds_stopped_by_ctrl_c_continues(
+    synthetic_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from leuk_fhir.model.artifact import read_artifact
+
+    out = tmp_path / "m.lfm"
+    args = ["train", str(synthetic_folder), "--cv-folds", "3", "--epochs", "20"]
+    args += ["--image-size", "32", "--out", str(out)]
+    _stop_with_ctrl_c_once_kept(args, tmp_path / "m.lfm.folds" / "fold-1.npz")
+    assert not out.exists()
+    assert main(args) == 0
+    assert "kept from an earlier run" in capsys.readouterr().err
+    evaluation = read_artifact(out).manifest["evaluation"]
+    assert evaluation["folds"] == 3 and set(evaluation["heads"]) == {"hosvd", "softmax", "svm"}
+    assert not (tmp_path / "m.lfm.folds").exists()

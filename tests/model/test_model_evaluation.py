@@ -182,3 +182,15 @@ def test_an_interrupted_run_continues_from_the_folds_it_kept(
     assert store.load(0, test_size, 2)[0] is not None
     outcome, note = store.load(0, test_size + 1, 2)
     assert outcome is None and note is not None and "does not fit fold 1" in note
+
+
+def test_a_folder_that_cannot_keep_folds_costs_the_resume_not_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ds = synthetic_dataset(8, seed=6, image_size=TINY_CONFIG.image_size, cell_size=64)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    report = cross_validate(ds, 2, TINY_CONFIG, workers=1, keep=blocked / "folds")
+    assert [f["fold"] for f in report["per_fold"]] == [1, 2] and report["resumed_folds"] == []
+    err = capsys.readouterr().err
+    assert err.count("cannot keep fold 1 in") == 1 and "cannot keep fold 2" not in err
