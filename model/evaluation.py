@@ -363,6 +363,28 @@ def _misclassified(
     return out
 
 
+def _fold_store(
+    keep: Path,
+    dataset: CellDataset,
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    config: TrainingConfig,
+    machine: dict[str, Any],
+) -> FoldStore:
+    """The store for this run's folds in ``keep``, named by everything their numbers depend on
+    (the core count aside: the thread plan is kept when a run resumes)."""
+    device = resolve_device(config.device)
+    settings = {
+        "config": config.to_json(),
+        "folds": len(splits),
+        "classes": list(dataset.class_names),
+        "subclasses": dataset.summary()["subclasses"],
+        "precision": str(resolve_precision(config.precision, device)),
+        "machine": {k: v for k, v in machine.items() if k != "cores"},
+    }
+    arrays = [dataset.images, dataset.y, dataset.sub_y, dataset.groups]
+    return FoldStore(keep, run_identity(arrays, splits, settings))
+
+
 def cross_validate(
     dataset: CellDataset,
     folds: int,
@@ -387,19 +409,9 @@ def cross_validate(
     start = time.perf_counter()
     device = resolve_device(config.device)
     machine = describe_machine(device)
-    store = None
+    store = None if keep is None else _fold_store(keep, dataset, splits, config, machine)
     kept: dict[int, FoldOutcome] = {}
-    if keep is not None:
-        settings = {
-            "config": config.to_json(),
-            "folds": folds,
-            "classes": list(dataset.class_names),
-            "subclasses": dataset.summary()["subclasses"],
-            "precision": str(resolve_precision(config.precision, device)),
-            "machine": {k: v for k, v in machine.items() if k != "cores"},
-        }
-        arrays = [dataset.images, y, dataset.sub_y, dataset.groups]
-        store = FoldStore(keep, run_identity(arrays, splits, settings))
+    if store is not None:
         for i, (_, test) in enumerate(splits):
             outcome, note = store.load(i, len(test), n_classes)
             if note and progress:
@@ -409,6 +421,7 @@ def cross_validate(
                 if progress:
                     line = _fold_line(outcome.record, len(splits))
                     print(f"{line}, kept from an earlier run in {store.path(i)}", file=sys.stderr)
+    resumed = sorted(kept)
     todo = [i for i in range(len(splits)) if i not in kept]
 
     def finished(index: int, outcome: FoldOutcome) -> None:
@@ -462,7 +475,6 @@ def cross_validate(
     finally:
         if bar is not None:
             bar.close()
-    resumed = sorted(set(range(len(splits))) - set(todo))
     outcomes = [kept[i] for i in range(len(splits))]
     fold_records = [o.record for o in outcomes]
     pooled: dict[str, dict[str, list[np.ndarray]]] = {
