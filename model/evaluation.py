@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from leuk_fhir.model.training import (
     fit_pipeline,
     resolve_epochs,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 def per_class_metrics(
@@ -368,11 +371,11 @@ def _fold_store(
     dataset: CellDataset,
     splits: list[tuple[np.ndarray, np.ndarray]],
     config: TrainingConfig,
+    device: torch.device,
     machine: dict[str, Any],
 ) -> FoldStore:
     """The store for this run's folds in ``keep``, named by everything their numbers depend on
     (the core count aside: the thread plan is kept when a run resumes)."""
-    device = resolve_device(config.device)
     settings = {
         "config": config.to_json(),
         "folds": len(splits),
@@ -409,7 +412,7 @@ def cross_validate(
     start = time.perf_counter()
     device = resolve_device(config.device)
     machine = describe_machine(device)
-    store = None if keep is None else _fold_store(keep, dataset, splits, config, machine)
+    store = None if keep is None else _fold_store(keep, dataset, splits, config, device, machine)
     kept: dict[int, FoldOutcome] = {}
     if store is not None:
         for i, (_, test) in enumerate(splits):
