@@ -1,4 +1,6 @@
-"""One split of PBC, any CNN shape: the quick comparison behind docs/model.md's architecture table.
+"""One split of PBC, any CNN shape: the quick comparison behind the architecture table.
+
+The table is under "Architecture search" in docs/model-measurements.md.
 
 Trains the library's CNN + heads (``fit_pipeline``) on folds 2-5 of the deterministic 5-fold
 split and scores the three heads on fold 1 (``--fold``), printing accuracy and timings. One

@@ -10,7 +10,7 @@ Data: a folder (as ``evaluate`` reads it, at each variant's image size, whole im
 data key (an image size, optionally with a framing suffix: ``64c60`` = the central 60% of each
 image at 64 px) an ``.npz`` of prepared crops (``images``, ``labels``; or ``data``/``lens``/
 ``labels`` holding losslessly encoded crops), which is how the sweep travelled to a lent GPU
-(docs/model.md).
+(docs/model-measurements.md).
 
 Usage (on the 2-core CPU one variant's five folds take about 15 minutes per 40 epochs):
     .venv/bin/python benchmarks/model_recipe_sweep.py --out benchmarks/results/sweep.jsonl \\

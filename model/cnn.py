@@ -236,7 +236,8 @@ class Augmentation:
 
 
 #: ``standard``: the default, chosen on PBC. ``scanner``: also another microscope's
-#: magnification (+-18%), focus and stain (docs/model.md, "Robustness to another microscope").
+#: magnification (+-18%), focus and stain (docs/model-measurements.md, "Robustness to another
+#: microscope").
 AUGMENTATIONS = {
     "standard": Augmentation(),
     "scanner": Augmentation(scale=0.18, blur=1.0, stain_od=0.15),
@@ -304,7 +305,7 @@ def loss_weights(y: np.ndarray, config: CNNConfig) -> np.ndarray:
     Classes are balanced, so a minority class (blasts) is not drowned out. With sub-classes
     every output weighs as its class: the kinds inside a class keep their own proportions
     (balancing kinds instead gave a kind of 7 images 40x the weight of a common one, and a
-    class of four kinds four times the prior: measured on PBC, docs/model.md).
+    class of four kinds four times the prior: measured on PBC, docs/model-measurements.md).
     """
     parents = np.asarray(config.subclass_parents or range(config.n_classes), dtype=np.int64)
     counts = np.bincount(parents[y], minlength=config.n_classes).astype(np.float64)

@@ -3,8 +3,8 @@
 Training time depends less on the core count than on the processor's arithmetic: a CPU with
 native bfloat16 units (Intel AMX or AVX512-BF16) trains the CNN under bfloat16, an AVX2-only
 one in float32; a training step took 4.7x as long on a 2-core AVX2-only CPU as on our 2-core
-AMX one (docs/model.md, "Training time by processor"). A wall time means little without the
-machine that produced it.
+AMX one (docs/model-measurements.md, "Training time by processor"). A wall time means little
+without the machine that produced it.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def training_text(machine: dict[str, Any], dtype: torch.dtype) -> str:
         text += (
             "; float32 training on this CPU takes about 4-5x as long as bfloat16 on one with "
             "AMX (the PBC 5-fold evaluation about an hour on 2 cores, about half that with "
-            '--image-size 48 --epochs 32; docs/model.md, "Training time by processor")'
+            "--image-size 48 --epochs 32; docs/model-measurements.md, "
+            '"Training time by processor")'
         )
     return text

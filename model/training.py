@@ -65,7 +65,8 @@ class TrainingConfig:
     batch_size: int = 64
     learning_rate: float = 4e-3
     #: AdamW's decoupled weight decay. 0.05 was +0.2 points on PBC 8 classes on a GPU but
-    #: -0.1 in the 2-core CPU run, within the noise both ways, so 5e-4 stays (docs/model.md)
+    #: -0.1 in the 2-core CPU run, within the noise both ways, so 5e-4 stays
+    #: (docs/model-measurements.md)
     weight_decay: float = 5e-4
     widths: tuple[int, ...] = (16, 32, 64, 128)
     stage_depths: tuple[int, ...] = (1, 2, 2, 2)
