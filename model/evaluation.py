@@ -297,6 +297,7 @@ def _run_parallel(
     context = multiprocessing.get_context("spawn")
     events = context.Queue()
     done_count = 0
+    others = set(multiprocessing.active_children())
     pool = ProcessPoolExecutor(
         plan.workers,
         mp_context=context,
@@ -326,6 +327,12 @@ def _run_parallel(
             "a cross-validation worker process died (out of memory?)",
             hint="run with --workers 1, or free memory",
         ) from error
+    except KeyboardInterrupt:
+        # Stopped: the folds in progress are lost either way, so end their workers now
+        # instead of waiting minutes for them (or leaving them running if this process dies).
+        for worker in set(multiprocessing.active_children()) - others:
+            worker.terminate()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         events.close()

@@ -31,13 +31,16 @@ def _fresh_option(parser: argparse.ArgumentParser, where: str) -> None:
 @contextmanager
 def _kept_folds(keep: Path, fresh: bool) -> Iterator[None]:
     """Around a cross-validation that keeps its folds in ``keep``: start over with ``fresh``;
-    on Ctrl-C, say how many folds are kept and that the same command continues."""
+    stopped by Ctrl-C or SIGTERM (a batch scheduler's time limit, ``kill``), say how many folds
+    are kept and that the same command continues."""
+    from leuk_fhir.commands import interrupted_by_stop_signals
     from leuk_fhir.model.fold_store import clear_folds
 
     if fresh:
         clear_folds(keep)
     try:
-        yield
+        with interrupted_by_stop_signals():
+            yield
     except KeyboardInterrupt:
         finished = sorted(keep.glob("fold-*.npz"))
         if finished:

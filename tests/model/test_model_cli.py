@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -192,21 +194,28 @@ def test_evaluate_splits_by_patient(tmp_path: Path) -> None:
     assert main([*args, "--group-pattern", "nomatch(\\d)", "--out", str(tmp_path / "x")]) == 3
 
 
-def _stop_with_ctrl_c_once_kept(args: list[str], kept: Path) -> str:
-    """Run ``leuk-fhir ARGS`` in a child process and send it a real SIGINT (Ctrl-C) as soon as
-    the file ``kept`` (its first finished fold) appears; returns its stderr."""
-    import signal
+def _stop_once_kept(args: list[str], kept: Path, stop: int, sigint_ignored: bool = False) -> str:
+    """Run ``leuk-fhir ARGS`` in a child process and send it the real signal ``stop`` as soon as
+    the file ``kept`` (its first finished fold) appears; returns its stderr. With
+    ``sigint_ignored`` the child starts with SIGINT ignored, as a job started with ``&`` from a
+    shell script does."""
     import subprocess
     import sys
     import time
 
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     run = subprocess.Popen(
-        [sys.executable, "-m", "leuk_fhir", *args], stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "leuk_fhir", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=ignore_sigint if sigint_ignored else None,
     )
     deadline = time.monotonic() + 300
     while not kept.exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    run.send_signal(signal.SIGINT)
+    run.send_signal(stop)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 130, err
     assert f"kept in {kept.parent}; the same command continues from there" in err
@@ -222,7 +231,8 @@ def test_evaluate_stopped_by_ctrl_c_continues_where_it_stopped(
     args = ["evaluate", str(synthetic_folder), "--folds", "3", "--epochs", "20"]
     args += ["--image-size", "32", "--out", str(out)]
     first = out / "folds" / "fold-1.npz"
-    _stop_with_ctrl_c_once_kept(args, first)
+    # Ctrl-C reaches it even when started in the background from a script (SIGINT ignored).
+    _stop_once_kept(args, first, signal.SIGINT, sigint_ignored=True)
     assert not (out / "report.json").exists()
     saved = tmp_path / "fold-1.npz"
     shutil.copy(first, saved)
@@ -246,7 +256,64 @@ def test_evaluate_stopped_by_ctrl_c_continues_where_it_stopped(
     assert [f["heads"] for f in fresh["per_fold"]] == [f["heads"] for f in report["per_fold"]]
 
 
-def test_train_with_cv_folds_stopped_by_ctrl_c_continues(
+def _alive(pid: int) -> bool:
+    """True while process ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _worker_pids(parent: int) -> list[int]:
+    """Live multiprocessing spawn workers whose parent is process ``parent``."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        if ppid == parent and b"spawn_main" in cmdline and _alive(pid):
+            pids.append(pid)
+    return pids
+
+
+def test_evaluate_stopped_ends_its_fold_workers(synthetic_folder: Path, tmp_path: Path) -> None:
+    """SIGTERM to an `evaluate --workers 2` ends it at once, workers included, rather than
+    waiting for (or orphaning) the folds in progress."""
+    import subprocess
+    import sys
+    import time
+
+    args = ["evaluate", str(synthetic_folder), "--folds", "3", "--workers", "2"]
+    args += ["--epochs", "5000", "--image-size", "32", "--out", str(tmp_path / "eval")]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "leuk_fhir", *args], stderr=subprocess.PIPE, text=True
+    )
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := _worker_pids(run.pid)) < 2 and time.monotonic() < deadline:
+            assert run.poll() is None, run.communicate()[1]
+            time.sleep(0.05)
+        assert len(workers) == 2
+        time.sleep(3)  # into training
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=60)  # a fold of 5,000 epochs takes minutes
+        assert run.returncode == 130, err
+        assert "interrupted" in err
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in workers)
+    finally:  # a failed run leaves nothing training behind it
+        run.kill()
+        for pid in filter(_alive, workers):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_train_with_cv_folds_stopped_by_sigterm_continues(
     synthetic_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from leuk_fhir.model.artifact import read_artifact
@@ -254,7 +321,8 @@ def test_train_with_cv_folds_stopped_by_ctrl_c_continues(
     out = tmp_path / "m.lfm"
     args = ["train", str(synthetic_folder), "--cv-folds", "3", "--epochs", "20"]
     args += ["--image-size", "32", "--out", str(out)]
-    _stop_with_ctrl_c_once_kept(args, tmp_path / "m.lfm.folds" / "fold-1.npz")
+    # SIGTERM, as a batch scheduler sends at its time limit, stops it as Ctrl-C does.
+    _stop_once_kept(args, tmp_path / "m.lfm.folds" / "fold-1.npz", signal.SIGTERM)
     assert not out.exists()
     assert main(args) == 0
     assert "kept from an earlier run" in capsys.readouterr().err
