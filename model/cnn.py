@@ -14,16 +14,21 @@ autocast; feature extraction is float32, with each batch norm folded into its co
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from leuk_fhir.model.checkpoint import TrainingCheckpoint
 from leuk_fhir.model.machine import native_bfloat16_cpu
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -338,32 +343,62 @@ def train_cnn(
     progress: Callable[[int, float, float], None] | None = None,
     precision: str = "auto",
     augmentation: Augmentation = Augmentation(),
+    checkpoint: TrainingCheckpoint | None = None,
 ) -> tuple[CellCNN, TrainingHistory]:
     """Train :class:`CellCNN` on (n, H, W, 3) uint8 images; deterministic for a seed on a given
     CPU (``precision`` as in :func:`resolve_precision`). ``y`` indexes the head's outputs:
-    sub-classes where ``config.subclass_parents`` is set, else classes."""
+    sub-classes where ``config.subclass_parents`` is set, else classes. With ``checkpoint`` the
+    state is written there as epochs end and a usable one left by an earlier run of the same
+    job is continued (:mod:`leuk_fhir.model.checkpoint`): the same CNN as without a stop."""
     import time
 
     start = time.perf_counter()
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    model = CellCNN(config).to(device).to(memory_format=torch.channels_last)
     dtype = resolve_precision(precision, device)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     steps_per_epoch = max(1, math.ceil(len(images) / batch_size))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser,
-        max_lr=learning_rate,
-        total_steps=max(1, epochs * steps_per_epoch),
-        pct_start=0.25,
-    )
+
+    def fresh() -> tuple[CellCNN, torch.optim.Optimizer, Any, torch.Generator]:
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        model = CellCNN(config).to(device).to(memory_format=torch.channels_last)
+        optimiser = torch.optim.AdamW(
+            model.parameters(), lr=learning_rate, weight_decay=weight_decay
+        )
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimiser,
+            max_lr=learning_rate,
+            total_steps=max(1, epochs * steps_per_epoch),
+            pct_start=0.25,
+        )
+        return model, optimiser, schedule, generator
+
+    model, optimiser, schedule, generator = fresh()
     m = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     weights = torch.as_tensor(loss_weights(y, config), dtype=torch.float32, device=device)
     targets_all = torch.as_tensor(y, dtype=torch.long)
     losses: list[float] = []
     accuracies: list[float] = []
-    for epoch in range(epochs):
+    earlier_seconds = 0.0
+    kept = checkpoint.load(epochs)[0] if checkpoint is not None else None
+    if kept is not None:
+        try:
+            model.load_state_dict(kept["model"])
+            optimiser.load_state_dict(kept["optimiser"])
+            schedule.load_state_dict(kept["schedule"])
+            generator.set_state(kept["generator"])
+            torch.set_rng_state(kept["torch_rng"])
+            if device.type == "cuda" and "cuda_rng" in kept:
+                torch.cuda.set_rng_state(kept["cuda_rng"], device)
+            losses, accuracies = list(kept["losses"]), list(kept["accuracies"])
+            earlier_seconds = float(kept["seconds"])
+        except (RuntimeError, ValueError, KeyError, TypeError):  # shapes or kinds that don't fit
+            model, optimiser, schedule, generator = fresh()
+            losses, accuracies, earlier_seconds = [], [], 0.0
+    if progress is not None:  # the epochs kept count as done
+        for done, (kept_loss, kept_accuracy) in enumerate(zip(losses, accuracies, strict=True)):
+            progress(done + 1, kept_loss, kept_accuracy)
+    last_write = -math.inf  # the first epoch is written, then every ``every_s`` and the last
+    for epoch in range(len(losses), epochs):
         model.train()
         order = torch.randperm(len(images), generator=generator).numpy()
         total, correct, seen = 0.0, 0, 0
@@ -387,6 +422,31 @@ def train_cnn(
             seen += len(idx)
         losses.append(total / max(seen, 1))
         accuracies.append(correct / max(seen, 1))
+        if checkpoint is not None and (
+            epoch + 1 == epochs or time.monotonic() - last_write >= checkpoint.every_s
+        ):
+            state = {
+                "epoch": epoch + 1,
+                "epochs": epochs,
+                "model": model.state_dict(),
+                "optimiser": optimiser.state_dict(),
+                "schedule": schedule.state_dict(),
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "losses": losses,
+                "accuracies": accuracies,
+                "seconds": earlier_seconds + time.perf_counter() - start,
+            }
+            if device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(device)
+            try:
+                checkpoint.save(state)
+            except OSError as error:  # a full or read-only disk costs the resume, not the run
+                log.warning(
+                    "cannot write %s (%s); training goes on without it", checkpoint.path, error
+                )
+                checkpoint = None
+            last_write = time.monotonic()
         if progress is not None:
             progress(epoch + 1, losses[-1], accuracies[-1])
     model.eval()
@@ -394,7 +454,7 @@ def train_cnn(
         epochs,
         tuple(losses),
         tuple(accuracies),
-        time.perf_counter() - start,
+        earlier_seconds + time.perf_counter() - start,
         str(dtype).removeprefix("torch."),
     )
 

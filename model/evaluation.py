@@ -14,14 +14,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from leuk_fhir.errors import ResourceExhaustedError
+from leuk_fhir.model.checkpoint import TrainingCheckpoint
 from leuk_fhir.model.cnn import resolve_device, resolve_precision
 from leuk_fhir.model.dataset import CellDataset, Subclasses, stratified_folds
-from leuk_fhir.model.fold_store import FoldOutcome, FoldStore, run_identity
+from leuk_fhir.model.fold_store import CHECKPOINT_SUFFIX, FoldOutcome, FoldStore, run_identity
 from leuk_fhir.model.framing import Framing
 from leuk_fhir.model.machine import available_cores, describe_machine, machine_text
 from leuk_fhir.model.training import (
@@ -30,9 +31,6 @@ from leuk_fhir.model.training import (
     fit_pipeline,
     resolve_epochs,
 )
-
-if TYPE_CHECKING:
-    import torch
 
 
 def per_class_metrics(
@@ -167,8 +165,10 @@ def _run_fold(
     test: np.ndarray,
     config: TrainingConfig,
     on_epoch: Callable[[int, float, float], None] | None = None,
+    checkpoint: TrainingCheckpoint | None = None,
 ) -> FoldOutcome:
-    """Fit the pipeline on one fold's training part and score every head on its test part."""
+    """Fit the pipeline on one fold's training part and score every head on its test part
+    (its CNN kept in, or continued from, ``checkpoint``)."""
     images, y, class_names = data.images, data.y, data.class_names
     t0 = time.perf_counter()
     pipeline = fit_pipeline(
@@ -180,6 +180,7 @@ def _run_fold(
         subclasses=data.subclasses,
         sub_y=None if data.sub_y is None else data.sub_y[train],
         groups=None if data.groups is None else data.groups[train],
+        checkpoint=checkpoint,
     )
     t1 = time.perf_counter()
     maps, soft = pipeline.features(images[test])
@@ -267,14 +268,20 @@ def _init_worker(data: _FoldData, threads: int, events: Any) -> None:
 
 
 def _worker_fold(
-    index: int, train: np.ndarray, test: np.ndarray, config: TrainingConfig
+    index: int,
+    train: np.ndarray,
+    test: np.ndarray,
+    config: TrainingConfig,
+    checkpoint: TrainingCheckpoint | None,
 ) -> tuple[int, FoldOutcome]:
     events = _WORKER["events"]
 
     def on_epoch(epoch: int, loss: float, accuracy: float) -> None:
         events.put((index, epoch))
 
-    outcome = _run_fold(_WORKER["data"], index, train, test, config, on_epoch=on_epoch)
+    outcome = _run_fold(
+        _WORKER["data"], index, train, test, config, on_epoch=on_epoch, checkpoint=checkpoint
+    )
     return index, outcome
 
 
@@ -286,9 +293,11 @@ def _run_parallel(
     plan: FoldPlan,
     bar: Any,
     on_done: Callable[[int, FoldOutcome], None],
+    checkpoints: dict[int, TrainingCheckpoint],
 ) -> None:
     """Folds ``todo`` in ``plan.workers`` spawned processes, ``on_done`` called in this process
-    as each ends; ``bar`` (or None) counts all their epochs."""
+    as each ends; ``bar`` (or None) counts all their epochs; ``checkpoints`` keep the CNNs'
+    training states by fold."""
     import multiprocessing
     import queue
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -305,7 +314,9 @@ def _run_parallel(
         initargs=(_FoldData.of(dataset), plan.threads, events),
     )
     try:
-        pending = {pool.submit(_worker_fold, i, *splits[i], config) for i in todo}
+        pending = {
+            pool.submit(_worker_fold, i, *splits[i], config, checkpoints.get(i)) for i in todo
+        }
         while pending:
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             while True:
@@ -373,26 +384,32 @@ def _misclassified(
     return out
 
 
-def _fold_store(
-    keep: Path,
-    dataset: CellDataset,
-    splits: list[tuple[np.ndarray, np.ndarray]],
-    config: TrainingConfig,
-    device: torch.device,
-    machine: dict[str, Any],
-) -> FoldStore:
-    """The store for this run's folds in ``keep``, named by everything their numbers depend on
-    (the core count aside: the thread plan is kept when a run resumes)."""
+def _identity(
+    dataset: CellDataset, splits: list[tuple[np.ndarray, np.ndarray]], config: TrainingConfig
+) -> str:
+    """Run identity of training ``config`` on ``dataset`` with ``splits`` (none: the final fit
+    on all of it): everything the numbers depend on, the core count aside (the thread plan is
+    kept when a run resumes)."""
+    device = resolve_device(config.device)
     settings = {
         "config": config.to_json(),
         "folds": len(splits),
         "classes": list(dataset.class_names),
         "subclasses": dataset.summary()["subclasses"],
         "precision": str(resolve_precision(config.precision, device)),
-        "machine": {k: v for k, v in machine.items() if k != "cores"},
+        "machine": {k: v for k, v in describe_machine(device).items() if k != "cores"},
     }
     arrays = [dataset.images, dataset.y, dataset.sub_y, dataset.groups]
-    return FoldStore(keep, run_identity(arrays, splits, settings))
+    return run_identity(arrays, splits, settings)
+
+
+def final_fit_checkpoint(
+    keep: Path, dataset: CellDataset, config: TrainingConfig
+) -> TrainingCheckpoint:
+    """Where the CNN of the model fitted on all of ``dataset`` keeps its training state."""
+    return TrainingCheckpoint(
+        Path(keep) / f"final{CHECKPOINT_SUFFIX}", f"{_identity(dataset, [], config)}/final"
+    )
 
 
 def cross_validate(
@@ -419,7 +436,7 @@ def cross_validate(
     start = time.perf_counter()
     device = resolve_device(config.device)
     machine = describe_machine(device)
-    store = None if keep is None else _fold_store(keep, dataset, splits, config, device, machine)
+    store = None if keep is None else FoldStore(keep, _identity(dataset, splits, config))
     kept: dict[int, FoldOutcome] = {}
     if store is not None:
         for i, (_, test) in enumerate(splits):
@@ -433,6 +450,15 @@ def cross_validate(
                     print(f"{line}, kept from an earlier run in {store.path(i)}", file=sys.stderr)
     resumed = sorted(kept)
     todo = [i for i in range(len(splits)) if i not in kept]
+    checkpoints = {} if store is None else {i: store.checkpoint(i) for i in todo}
+    continued: dict[int, int] = {}  # fold: the epoch its CNN continues from
+    for i, checkpoint in checkpoints.items():
+        epochs = resolve_epochs(config.epochs, len(splits[i][0]), config.batch_size)
+        epoch, note = checkpoint.resume_note(epochs, f"fold {i + 1}/{len(splits)}: its CNN")
+        if epoch is not None:
+            continued[i] = epoch
+        if note and progress:
+            print(note, file=sys.stderr)
 
     def finished(index: int, outcome: FoldOutcome) -> None:
         nonlocal store
@@ -467,7 +493,7 @@ def cross_validate(
         bar = _epoch_bar(remaining, config, f"cross-validation{where}")
     try:
         if plan.workers > 1:
-            _run_parallel(dataset, splits, todo, config, plan, bar, finished)
+            _run_parallel(dataset, splits, todo, config, plan, bar, finished, checkpoints)
         else:
             data = _FoldData.of(dataset)
             with _thread_limit(plan.threads):
@@ -478,7 +504,14 @@ def cross_validate(
                             bar.set_postfix(fold=f"{fold + 1}/{len(splits)}", loss=f"{loss:.3f}")
                             bar.update(1)
 
-                    outcome = _run_fold(data, i, *splits[i], config, on_epoch=on_epoch)
+                    outcome = _run_fold(
+                        data,
+                        i,
+                        *splits[i],
+                        config,
+                        on_epoch=on_epoch,
+                        checkpoint=checkpoints.get(i),
+                    )
                     finished(i, outcome)
                     if bar is not None:
                         bar.write(_fold_line(outcome.record, len(splits)), file=sys.stderr)
@@ -532,6 +565,7 @@ def cross_validate(
         "seconds_total": round(time.perf_counter() - start, 1),
         "parallel": {"workers": plan.workers, "threads": plan.threads},
         "resumed_folds": [i + 1 for i in resumed],
+        "continued_folds": {str(i + 1): epoch for i, epoch in sorted(continued.items())},
         "machine": machine,
         "indeterminate_rate_mean": float(np.mean([f["indeterminate_rate"] for f in fold_records])),
         "out_of_focus_rate_mean": float(np.mean([f["out_of_focus_rate"] for f in fold_records])),
@@ -658,14 +692,22 @@ def _parallel_text(report: dict[str, Any]) -> str:
 
 def _resumed_text(report: dict[str, Any]) -> str:
     resumed = report.get("resumed_folds") or []
-    if not resumed:
-        return ""
-    which = ", ".join(map(str, resumed))
-    return (
-        f" Fold(s) {which} were kept from an earlier, interrupted run of the same job (same "
-        "crops, splits, settings and software) and not trained again: the total above is this "
-        "run's, their train times are from that run."
-    )
+    continued = report.get("continued_folds") or {}
+    text = ""
+    if resumed:
+        which = ", ".join(map(str, resumed))
+        text += (
+            f" Fold(s) {which} were kept from an earlier, interrupted run of the same job (same "
+            "crops, splits, settings and software) and not trained again: the total above is "
+            "this run's, their train times are from that run."
+        )
+    if continued:
+        which = ", ".join(f"{fold} (from epoch {epoch})" for fold, epoch in continued.items())
+        text += (
+            f" The CNN of fold(s) {which} continued the training state an interrupted run of "
+            "the same job kept, and is the CNN an uninterrupted run trains."
+        )
+    return text
 
 
 def _subclasses_text(subclasses: dict[str, list[str]] | None) -> str:

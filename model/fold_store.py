@@ -9,7 +9,9 @@ training settings, software versions and arithmetic) must match, and its arrays 
 shapes of that fold. Anything else (another run's file, a truncated or foreign file) is set
 aside with a note and the fold is trained again; a fold's result depends only on its seed, so
 a resumed run writes the report an uninterrupted one would. The files hold arrays and JSON
-text only (read with ``allow_pickle=False``).
+text only (read with ``allow_pickle=False``). The fold in progress keeps its CNN's training
+state beside them (``fold-N.cnn.pt``, :mod:`leuk_fhir.model.checkpoint`), so that it continues
+from its last epoch rather than from the start.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from leuk_fhir.model.checkpoint import TrainingCheckpoint
 from leuk_fhir.model.training import HeadOutput
 
+#: Ending of the CNN training states kept beside the folds (:mod:`leuk_fhir.model.checkpoint`).
+CHECKPOINT_SUFFIX = ".cnn.pt"
 #: Packages whose versions can change a fold's numbers.
 _PACKAGES = ("leuk-fhir", "torch", "numpy", "scipy", "scikit-learn", "tensorly")
 
@@ -88,8 +93,16 @@ class FoldStore:
         """File of fold ``index`` (0-based; the file name counts from 1, as reports do)."""
         return self.folder / f"fold-{index + 1}.npz"
 
+    def checkpoint(self, index: int) -> TrainingCheckpoint:
+        """Where fold ``index``'s CNN keeps its training state until the fold is kept."""
+        return TrainingCheckpoint(
+            self.folder / f"fold-{index + 1}{CHECKPOINT_SUFFIX}",
+            f"{self.identity}/fold-{index + 1}",
+        )
+
     def save(self, index: int, outcome: FoldOutcome) -> Path:
-        """Write fold ``index`` atomically (a temporary file renamed into place)."""
+        """Write fold ``index`` atomically (a temporary file renamed into place); its CNN's
+        training state is no longer needed then."""
         self.folder.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, Any] = {  # Any: numpy's stub reads a key as savez's allow_pickle
             "identity": np.array(self.identity),
@@ -106,6 +119,7 @@ class FoldStore:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, target)
+        self.checkpoint(index).clear()
         return target
 
     def load(
@@ -152,10 +166,12 @@ class FoldStore:
 
 
 def clear_folds(folder: Path) -> None:
-    """Remove the fold files in ``folder`` (and the folder, when nothing else is in it): once
-    the report that holds them is written, or when the user asks for a fresh run."""
+    """Remove the fold files and CNN training states in ``folder`` (and the folder, when nothing
+    else is in it): once the report or model that holds them is written, or when the user asks
+    for a fresh run."""
     folder = Path(folder)
-    for path in folder.glob("fold-*.npz*"):
-        path.unlink(missing_ok=True)
+    for pattern in ("fold-*.npz*", f"*{CHECKPOINT_SUFFIX}*"):
+        for path in folder.glob(pattern):
+            path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # not empty (files that are not ours) or not there
         folder.rmdir()

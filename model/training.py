@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from leuk_fhir.model.checkpoint import TrainingCheckpoint
 from leuk_fhir.model.cnn import (
     AUGMENTATIONS,
     CellCNN,
@@ -196,13 +197,15 @@ def fit_pipeline(
     subclasses: Subclasses | None = None,
     sub_y: np.ndarray | None = None,
     groups: np.ndarray | None = None,
+    checkpoint: TrainingCheckpoint | None = None,
 ) -> FittedPipeline:
     """Train the CNN, extract feature maps, fit the HOSVD head (and the SVM baseline).
 
     ``progress`` shows a bar of epochs; ``on_epoch(epoch, loss, accuracy)`` is called after each.
     With ``subclasses`` and ``sub_y`` (each image's kind) the heads learn the kinds and answer
     with classes. ``groups`` (each image's patient) keeps patients apart in the HOSVD head's
-    inner cross-validation.
+    inner cross-validation. ``checkpoint`` keeps the CNN's training state as it trains, and
+    continues one an interrupted run of the same job left (:mod:`leuk_fhir.model.checkpoint`).
     """
     if (subclasses is None) != (sub_y is None):
         raise ValueError("give both subclasses and sub_y, or neither")
@@ -255,6 +258,7 @@ def fit_pipeline(
         progress=callback,
         precision=config.precision,
         augmentation=AUGMENTATIONS[config.augmentation],
+        checkpoint=checkpoint,
     )
     if bar is not None:
         bar.close()

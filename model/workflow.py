@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,20 @@ from typing import Any
 import numpy as np
 
 from leuk_fhir.model.dataset import CellDataset
-from leuk_fhir.model.evaluation import cross_validate, evaluation_summary, flat_metrics
+from leuk_fhir.model.evaluation import (
+    cross_validate,
+    evaluation_summary,
+    final_fit_checkpoint,
+    flat_metrics,
+)
 from leuk_fhir.model.fold_store import clear_folds
 from leuk_fhir.model.machine import describe_machine
-from leuk_fhir.model.training import FittedPipeline, TrainingConfig, fit_pipeline
+from leuk_fhir.model.training import (
+    FittedPipeline,
+    TrainingConfig,
+    fit_pipeline,
+    resolve_epochs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +62,16 @@ def train_and_save(
     is_demo: bool = False,
     cv_folds: int = 0,
     cv_workers: int = 0,
-    cv_keep: Path | None = None,
+    keep: Path | None = None,
     progress: bool = False,
     description: str = "",
     extra_manifest: dict[str, Any] | None = None,
 ) -> tuple[FittedPipeline, str, dict[str, Any] | None]:
     """Optionally cross-validate, then fit on all data and write the model file.
 
-    ``cv_keep``: a folder where finished folds are kept until the file is written, so that an
-    interrupted run continues (:mod:`leuk_fhir.model.fold_store`). Returns the fitted pipeline,
+    ``keep``: a folder where finished folds and the CNNs' training states are kept until the
+    file is written, so that an interrupted run continues (:mod:`leuk_fhir.model.fold_store`,
+    :mod:`leuk_fhir.model.checkpoint`). Returns the fitted pipeline,
     the file's SHA-256 and the cross-validation report (or None).
     """
     from leuk_fhir.model.classifier import save_pipeline
@@ -69,9 +81,15 @@ def train_and_save(
     metrics: dict[str, float] = {}
     if cv_folds:
         report = cross_validate(
-            dataset, cv_folds, config, progress=progress, workers=cv_workers, keep=cv_keep
+            dataset, cv_folds, config, progress=progress, workers=cv_workers, keep=keep
         )
         metrics = flat_metrics(report)
+    checkpoint = None if keep is None else final_fit_checkpoint(keep, dataset, config)
+    if checkpoint is not None and progress:
+        epochs = resolve_epochs(config.epochs, len(dataset.images), config.batch_size)
+        note = checkpoint.resume_note(epochs, "the CNN trained on all images")[1]
+        if note:
+            print(note, file=sys.stderr)
     pipeline = fit_pipeline(
         dataset.images,
         dataset.y,
@@ -82,6 +100,7 @@ def train_and_save(
         subclasses=dataset.subclasses,
         sub_y=dataset.sub_y,
         groups=dataset.groups,
+        checkpoint=checkpoint,
     )
     metrics["train_images"] = float(len(dataset.labels))
     metrics["hosvd_inner_cv_accuracy"] = float(pipeline.hosvd.cv_accuracy_)
@@ -114,8 +133,8 @@ def train_and_save(
     if extra_manifest:
         _amend_manifest(out, extra_manifest)
         sha = hashlib.sha256(Path(out).read_bytes()).hexdigest()
-    if cv_keep is not None:
-        clear_folds(cv_keep)
+    if keep is not None:
+        clear_folds(keep)
     return pipeline, sha, report
 
 

@@ -23,18 +23,18 @@ def _fresh_option(parser: argparse.ArgumentParser, where: str) -> None:
     parser.add_argument(
         "--fresh",
         action="store_true",
-        help="train every fold again, discarding the folds an interrupted earlier run of this "
-        f"job kept in {where} (by default they are reused)",
+        help="train everything again, discarding the folds and partly trained CNNs an "
+        f"interrupted earlier run of this job kept in {where} (by default they are reused)",
     )
 
 
 @contextmanager
 def _kept_folds(keep: Path, fresh: bool) -> Iterator[None]:
-    """Around a cross-validation that keeps its folds in ``keep``: start over with ``fresh``;
-    stopped by Ctrl-C or SIGTERM (a batch scheduler's time limit, ``kill``), say how many folds
-    are kept and that the same command continues."""
+    """Around training that keeps its folds and CNN training states in ``keep``: start over
+    with ``fresh``; stopped by Ctrl-C or SIGTERM (a batch scheduler's time limit, ``kill``),
+    say what is kept and that the same command continues."""
     from leuk_fhir.commands import interrupted_by_stop_signals
-    from leuk_fhir.model.fold_store import clear_folds
+    from leuk_fhir.model.fold_store import CHECKPOINT_SUFFIX, clear_folds
 
     if fresh:
         clear_folds(keep)
@@ -42,11 +42,14 @@ def _kept_folds(keep: Path, fresh: bool) -> Iterator[None]:
         with interrupted_by_stop_signals():
             yield
     except KeyboardInterrupt:
-        finished = sorted(keep.glob("fold-*.npz"))
-        if finished:
+        finished = len(list(keep.glob("fold-*.npz")))
+        training = len(list(keep.glob(f"*{CHECKPOINT_SUFFIX}")))
+        kept = [f"{finished} finished fold(s)"] if finished else []
+        kept += [f"{training} partly trained CNN(s)"] if training else []
+        if kept:
             print(
-                f"leuk-fhir: {len(finished)} finished fold(s) kept in {keep}; the same command "
-                "continues from there (--fresh starts over)",
+                f"leuk-fhir: {' and '.join(kept)} kept in {keep}; the same command continues "
+                "from there (--fresh starts over)",
                 file=sys.stderr,
             )
         raise
@@ -319,7 +322,7 @@ def _train(args: argparse.Namespace) -> int:
             version=args.model_version,
             cv_folds=args.cv_folds,
             cv_workers=args.workers,
-            cv_keep=keep if args.cv_folds else None,
+            keep=keep,
             progress=True,
         )
     print(f"wrote {args.out} (sha256 {sha})")

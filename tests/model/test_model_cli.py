@@ -329,3 +329,53 @@ def test_train_with_cv_folds_stopped_by_sigterm_continues(
     evaluation = read_artifact(out).manifest["evaluation"]
     assert evaluation["folds"] == 3 and set(evaluation["heads"]) == {"hosvd", "softmax", "svm"}
     assert not (tmp_path / "m.lfm.folds").exists()
+
+
+def test_evaluate_stopped_inside_a_fold_continues_its_cnn(
+    synthetic_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "eval"
+    args = ["evaluate", str(synthetic_folder), "--folds", "2", "--epochs", "30"]
+    args += ["--image-size", "32", "--out", str(out)]
+    # Stopped as soon as fold 1's CNN has kept its first epoch, long before the fold ends.
+    err = _stop_once_kept(args, out / "folds" / "fold-1.cnn.pt", signal.SIGTERM)
+    assert "1 partly trained CNN(s) kept in" in err
+    assert not (out / "folds" / "fold-1.npz").exists()
+
+    assert main(args) == 0
+    assert "fold 1/2: its CNN continues from epoch " in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed_folds"] == [] and list(report["continued_folds"]) == ["1"]
+    assert "The CNN of fold(s) 1 (from epoch" in (out / "report.md").read_text()
+    assert not (out / "folds").exists()
+
+    # The continued fold is the fold an uninterrupted run trains.
+    assert main([*args, "--fresh"]) == 0
+    fresh = json.loads((out / "report.json").read_text())
+    assert fresh["continued_folds"] == {}
+    assert [f["heads"] for f in fresh["per_fold"]] == [f["heads"] for f in report["per_fold"]]
+
+
+def test_train_stopped_in_its_final_fit_continues_it(
+    synthetic_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    from leuk_fhir.model.artifact import read_artifact
+
+    def args(out: Path) -> list[str]:
+        options = ["--epochs", "40", "--image-size", "32", "--out", str(out)]
+        return ["train", str(synthetic_folder), *options]
+
+    out = tmp_path / "m.lfm"
+    err = _stop_once_kept(args(out), tmp_path / "m.lfm.folds" / "final.cnn.pt", signal.SIGINT)
+    assert "1 partly trained CNN(s) kept in" in err and not out.exists()
+
+    assert main(args(out)) == 0
+    assert "the CNN trained on all images continues from epoch " in capsys.readouterr().err
+    assert not (tmp_path / "m.lfm.folds").exists()
+    assert main(args(tmp_path / "uninterrupted.lfm")) == 0
+    resumed = read_artifact(out).cnn_state
+    uninterrupted = read_artifact(tmp_path / "uninterrupted.lfm").cnn_state
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(np.array_equal(resumed[k], uninterrupted[k]) for k in resumed)
