@@ -349,7 +349,8 @@ def train_cnn(
     CPU (``precision`` as in :func:`resolve_precision`). ``y`` indexes the head's outputs:
     sub-classes where ``config.subclass_parents`` is set, else classes. With ``checkpoint`` the
     state is written there as epochs end and a usable one left by an earlier run of the same
-    job is continued (:mod:`leuk_fhir.model.checkpoint`): the same CNN as without a stop."""
+    job is continued (:mod:`leuk_fhir.model.checkpoint`): the same CNN as without a stop;
+    ``progress(epoch, loss, accuracy)`` is then called for the epochs trained now only."""
     import time
 
     start = time.perf_counter()
@@ -394,9 +395,6 @@ def train_cnn(
         except (RuntimeError, ValueError, KeyError, TypeError):  # shapes or kinds that don't fit
             model, optimiser, schedule, generator = fresh()
             losses, accuracies, earlier_seconds = [], [], 0.0
-    if progress is not None:  # the epochs kept count as done
-        for done, (kept_loss, kept_accuracy) in enumerate(zip(losses, accuracies, strict=True)):
-            progress(done + 1, kept_loss, kept_accuracy)
     last_write = -math.inf  # the first epoch is written, then every ``every_s`` and the last
     for epoch in range(len(losses), epochs):
         model.train()

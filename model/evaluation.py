@@ -222,14 +222,18 @@ def _run_fold(
 
 
 def _epoch_bar(
-    splits: list[tuple[np.ndarray, np.ndarray]], config: TrainingConfig, description: str
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    config: TrainingConfig,
+    description: str,
+    done: int = 0,
 ) -> Any:
-    """One progress bar over every fold's CNN epochs: its time estimate is the whole run's from
-    the first epoch on (an hour on an AVX2-only 2-core CPU: docs/model.md)."""
+    """One progress bar over every fold's CNN epochs (``done`` of them kept by a stopped run):
+    its time estimate is the whole run's from the first epoch on (an hour on an AVX2-only
+    2-core CPU: docs/model.md)."""
     from tqdm import tqdm
 
     total = sum(resolve_epochs(config.epochs, len(t), config.batch_size) for t, _ in splits)
-    return tqdm(total=total, desc=description, unit="epoch")
+    return tqdm(total=total, initial=done, desc=description, unit="epoch")
 
 
 def _fold_line(record: dict[str, Any], n_folds: int) -> str:
@@ -490,7 +494,9 @@ def cross_validate(
     bar = None
     if progress and todo:
         where = f", {plan.workers} folds at a time" if plan.workers > 1 else ""
-        bar = _epoch_bar(remaining, config, f"cross-validation{where}")
+        bar = _epoch_bar(
+            remaining, config, f"cross-validation{where}", done=sum(continued.values())
+        )
     try:
         if plan.workers > 1:
             _run_parallel(dataset, splits, todo, config, plan, bar, finished, checkpoints)

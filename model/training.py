@@ -234,7 +234,9 @@ def fit_pipeline(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=epochs, desc=description, unit="epoch", leave=False)
+        kept = None if checkpoint is None else checkpoint.load(epochs)[0]
+        done = 0 if kept is None else int(kept["epoch"])  # epochs a stopped run kept
+        bar = tqdm(total=epochs, initial=done, desc=description, unit="epoch", leave=False)
 
     def callback(epoch: int, loss: float, accuracy: float) -> None:
         if bar is not None:
