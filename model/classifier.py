@@ -117,7 +117,17 @@ class CellClassifier:
 
     def run(self, images: Sequence[np.ndarray]) -> ClassificationBatch:
         """Probabilities, residuals, OOD scores and softmax-head output for RGB crops."""
-        batch = prepare_batch(images, self.image_size, self.crop)
+        return self.run_prepared(prepare_batch(images, self.image_size, self.crop))
+
+    def run_prepared(self, batch: np.ndarray) -> ClassificationBatch:
+        """:meth:`run` on crops already framed and resized as this model prepares them
+        ((n, image_size, image_size, 3) uint8, as ``load_dataset`` makes them with the model's
+        ``image_size`` and ``crop``)."""
+        if batch.ndim != 4 or batch.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(
+                f"prepared crops must be (n, {self.image_size}, {self.image_size}, 3), "
+                f"not {batch.shape}"
+            )
         with self._lock, torch.inference_mode():
             maps, soft = extract(
                 self.cnn,

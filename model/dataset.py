@@ -256,6 +256,7 @@ def load_dataset(
     subclass_pattern: str | None = None,
     group_pattern: str | None = None,
     groups: bool = True,
+    min_classes: int = 2,
 ) -> CellDataset:
     """Read, de-duplicate, decode and resize a dataset once into memory.
 
@@ -269,7 +270,8 @@ def load_dataset(
     manifest's folder) or from C-NMC file names; ``groups`` False ignores them. ``crop``
     keeps the central fraction of each image (None: measured from a sample of the images,
     :func:`leuk_fhir.model.framing.choose_crop`). Raises :class:`DatasetError` for fewer than
-    two classes or an empty dataset.
+    ``min_classes`` classes (two for training; one will do to score a trained model) or an
+    empty dataset.
     """
     items = list_images(Path(source), subclass_folders=subclass_folders)
     if subclass_pattern is not None:
@@ -296,10 +298,11 @@ def load_dataset(
         items = [replace(i, subclass=None) for i in items]
     labels = np.array([i.label for i in items])
     class_names = tuple(sorted(set(labels.tolist())))
-    if len(class_names) < 2:
+    if len(class_names) < min_classes:
+        needs = "training needs at least two classes" if min_classes > 1 else "nothing to score"
         raise DatasetError(
             f"{source}: found {len(items)} image(s) of {len(class_names)} class(es) {list(class_names)}; "
-            "training needs at least two classes"
+            + needs
         )
     if crop is None:
         sample = sample_indices(len(items))

@@ -593,19 +593,19 @@ def cross_validate(
     return report
 
 
-def _plot_confusion(report: dict[str, Any], path: Path) -> None:
+def plot_confusion(names: list[str], matrices: dict[str, tuple[Any, float]], path: Path) -> None:
+    """One confusion matrix per head (``matrices``: head to (matrix, accuracy)), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = report["class_names"]
-    heads = list(report["heads"])
+    heads = list(matrices)
     fig, axes = plt.subplots(1, len(heads), figsize=(4.2 * len(heads), 4.0), squeeze=False)
     for ax, head in zip(axes[0], heads, strict=True):
-        cm = np.array(report["heads"][head]["confusion_matrix"])
+        cm = np.array(matrices[head][0])
         ax.imshow(cm, cmap="Blues")
-        ax.set_title(f"{head} ({100 * report['heads'][head]['accuracy_mean']:.2f}%)")
+        ax.set_title(f"{head} ({100 * matrices[head][1]:.2f}%)")
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.set_xlabel("predicted")
@@ -625,39 +625,46 @@ def _plot_confusion(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_roc(report: dict[str, Any], path: Path) -> None:
+def plot_roc(
+    names: list[str], roc: dict[str, dict[str, np.ndarray]], path: Path, where: str
+) -> None:
+    """One-vs-rest ROC curves per head (``roc``: head to its ``true`` labels and ``scores``)
+    over ``where`` (say, "pooled folds"), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
-    names = report["class_names"]
-    roc = report["_roc"]
     fig, axes = plt.subplots(1, len(roc), figsize=(4.2 * len(roc), 4.0), squeeze=False)
     for ax, (head, data) in zip(axes[0], roc.items(), strict=True):
         classes = [len(names) - 1] if len(names) == 2 else range(len(names))
         for c in classes:
-            fpr, tpr, _ = roc_curve(data["true"] == c, data["scores"][:, c])
+            positives = data["true"] == c
+            if not 0 < positives.sum() < len(positives):
+                continue  # no curve for a class with no cells, or with nothing else
+            fpr, tpr, _ = roc_curve(positives, data["scores"][:, c])
             ax.plot(fpr, tpr, label=names[c], lw=1.2)
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-        ax.set_title(f"ROC, {head} (pooled folds)")
+        ax.set_title(f"ROC, {head} ({where})")
         ax.set_xlabel("1 - specificity")
         ax.set_ylabel("sensitivity")
-        ax.legend(fontsize=7, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _plot_errors(report: dict[str, Any], crops: np.ndarray, path: Path) -> None:
-    """Contact sheet of the HOSVD head's most confident errors: crop, true -> predicted."""
+def plot_errors(rows: list[dict[str, Any]], crops: np.ndarray, path: Path) -> None:
+    """Contact sheet of misclassified cells (``rows`` as in ``misclassified``, ``crops`` their
+    crops in the same order): crop, true -> predicted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["misclassified"]["hosvd"][: len(crops)]
+    rows = rows[: len(crops)]
     columns = 8
     lines = -(-len(rows) // columns)
     fig, axes = plt.subplots(lines, columns, figsize=(columns * 1.5, lines * 1.75), squeeze=False)
@@ -828,11 +835,16 @@ def write_report(report: dict[str, Any], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     public = {k: v for k, v in report.items() if not k.startswith("_")}
     (out_dir / "report.json").write_text(json.dumps(public, indent=2), encoding="utf-8")
-    _plot_confusion(report, out_dir / "confusion_matrix.png")
-    _plot_roc(report, out_dir / "roc.png")
+    names = report["class_names"]
+    plot_confusion(
+        names,
+        {h: (s["confusion_matrix"], s["accuracy_mean"]) for h, s in report["heads"].items()},
+        out_dir / "confusion_matrix.png",
+    )
+    plot_roc(names, report["_roc"], out_dir / "roc.png", "pooled folds")
     crops = (report.get("_error_crops") or {}).get("hosvd")
     if crops is not None and len(crops):
-        _plot_errors(report, crops, out_dir / "errors_hosvd.png")
+        plot_errors(report["misclassified"]["hosvd"], crops, out_dir / "errors_hosvd.png")
     (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
     return out_dir / "report.json"
 

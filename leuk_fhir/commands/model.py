@@ -199,6 +199,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _training_options(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
+    validate = subparsers.add_parser(
+        "validate",
+        help="external validation: score a trained model on labelled images it never saw",
+        description="Run a model file, exactly as predict and the service do, over labelled "
+        "images (another site, microscope or stain) and write DIR/report.json, DIR/report.md, "
+        "DIR/predictions.csv and confusion-matrix / ROC plots. Nothing is trained.",
+    )
+    validate.add_argument(
+        "data", type=Path, help="class-folder tree, ALL-IDB folder, or CSV manifest"
+    )
+    validate.add_argument(
+        "--model", type=Path, default=None, help="model file (default: the bundled demo model)"
+    )
+    validate.add_argument("--out", type=Path, required=True, help="output folder")
+    validate.add_argument(
+        "--binary-positive",
+        metavar="NAME",
+        default=None,
+        help="score a two-class NAME vs other model on a dataset of more classes (the classes "
+        "but NAME count as other)",
+    )
+    validate.add_argument("--device", default=None, help="torch device: auto (default), cpu, cuda")
+    validate.set_defaults(handler=_validate)
+
     predict = subparsers.add_parser("predict", help="classify single-cell images")
     predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
     predict.add_argument(
@@ -352,6 +376,54 @@ def _evaluate(args: argparse.Namespace) -> int:
     resumed = report["resumed_folds"]
     reused = f"; fold(s) {', '.join(map(str, resumed))} from an earlier run" if resumed else ""
     print(f"wrote {path} and {args.out / 'report.md'} ({report['seconds_total']:.0f} s{reused})")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from leuk_fhir.model.classifier import load_classifier
+    from leuk_fhir.model.dataset import load_dataset
+    from leuk_fhir.model.validation import validate_model, write_validation_report
+    from leuk_fhir.settings import load_settings
+
+    settings = load_settings(args.config)
+    _apply_threads(settings.model.threads)
+    clf = load_classifier(
+        args.model or settings.model.path,
+        device=args.device or settings.model.device,
+        batch_size=settings.model.batch_size,
+    )
+    if clf.info.is_demo:
+        print(
+            "WARNING: bundled DEMO model (synthetic training data), not for clinical use",
+            file=sys.stderr,
+        )
+    dataset = load_dataset(
+        args.data,
+        image_size=clf.image_size,
+        max_pixels=settings.image.max_pixels,
+        binary_positive=args.binary_positive,
+        progress=True,
+        crop=clf.crop,
+        subclasses=False,
+        groups=False,
+        min_classes=1,
+    )
+    report = validate_model(clf, dataset, progress=True)
+    path = write_validation_report(report, args.out)
+    if report["same_data_as_training"]:
+        print(
+            "WARNING: these are the images the model was trained on: the figures are training "
+            "accuracy, not validation",
+            file=sys.stderr,
+        )
+    for head, s in report["heads"].items():
+        print(f"{head:8s} accuracy {100 * s['accuracy']:.2f}%")
+    answered = report["heads"]["hosvd"]["answered_accuracy"]
+    print(
+        f"indeterminate {100 * report['indeterminate_rate']:.2f}% of {report['images']} cells"
+        + ("" if answered is None else f"; hosvd accuracy on the rest {100 * answered:.2f}%")
+    )
+    print(f"wrote {path}, {args.out / 'report.md'} and {args.out / 'predictions.csv'}")
     return 0
 
 

@@ -79,6 +79,109 @@ def test_predict_defaults_to_the_demo_model(
     assert out["results"][0]["label"] in ("blast", "normal", "indeterminate")
 
 
+@pytest.fixture(scope="module")
+def other_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Labelled cells the ``trained`` model never saw (another seed and image size)."""
+    from leuk_fhir.model.synthetic import write_synthetic_dataset
+
+    return write_synthetic_dataset(
+        tmp_path_factory.mktemp("other") / "cells", per_class=30, seed=77, size=120
+    )
+
+
+def test_validate_scores_the_model_as_predict_does(
+    trained: Path, other_site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import csv
+
+    from leuk_fhir.model.classifier import load_classifier
+    from leuk_fhir.model.images import decode_image
+
+    out = tmp_path / "val"
+    assert main(["validate", str(other_site), "--model", str(trained), "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "hosvd    accuracy" in printed.out and "WARNING" not in printed.err
+    report = json.loads((out / "report.json").read_text())
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == report["images"] == 60 and not report["same_data_as_training"]
+    for name in ("report.md", "confusion_matrix.png", "roc.png"):
+        assert (out / name).stat().st_size > 0
+
+    # Every answer is the one `predict` (the deployed path: decode, frame, resize) gives.
+    images = [decode_image(Path(r["path"]), 64_000_000) for r in rows]
+    findings = load_classifier(trained).classify(images)
+    for row, finding in zip(rows, findings, strict=True):
+        assert bool(int(row["indeterminate"])) == finding.indeterminate
+        if not finding.indeterminate:
+            assert row["hosvd"] == finding.label
+        assert float(row["hosvd_probability"]) == pytest.approx(
+            finding.probabilities[row["hosvd"]], abs=1e-4
+        )
+
+    # The figures are those of the rows.
+    for head in ("hosvd", "softmax"):
+        right = sum(r["true"] == r[head] for r in rows)
+        assert report["heads"][head]["accuracy"] == pytest.approx(right / len(rows))
+        matrix = report["heads"][head]["confusion_matrix"]
+        assert sum(map(sum, matrix)) == 60 and sum(matrix[i][i] for i in range(2)) == right
+        wrong = [r["path"] for r in rows if r["true"] != r[head]]
+        assert sorted(e["path"] for e in report["misclassified"][head]) == sorted(wrong)
+    answered = [r for r in rows if r["indeterminate"] == "0"]
+    assert report["indeterminate_rate"] == pytest.approx(1 - len(answered) / len(rows))
+    if answered:
+        right = sum(r["true"] == r["hosvd"] for r in answered) / len(answered)
+        assert report["heads"]["hosvd"]["answered_accuracy"] == pytest.approx(right)
+    assert report["model"]["sha256"] == load_classifier(trained).info.sha256
+    assert "not recorded (train with --cv-folds K)" in (out / "report.md").read_text()
+
+
+def test_validate_on_one_class_and_on_training_images(
+    trained: Path,
+    synthetic_folder: Path,
+    other_site: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import shutil
+
+    # A folder of blasts only (a sensitivity study) is scored; the model's other class is n/a.
+    blasts = tmp_path / "blasts"
+    shutil.copytree(other_site / "blast", blasts / "BLAST")  # names match without case
+    args = ["validate", str(blasts), "--model", str(trained), "--out", str(tmp_path / "b")]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["classes_without_images"] == ["normal"] and report["images"] == 30
+    per_class = report["heads"]["hosvd"]["per_class"]
+    assert per_class["normal"]["sensitivity"] is None and per_class["blast"]["auc"] is None
+    assert per_class["blast"]["sensitivity"] == pytest.approx(report["heads"]["hosvd"]["accuracy"])
+
+    # The model's own training images are flagged: that would be training accuracy.
+    capsys.readouterr()
+    args = ["validate", str(synthetic_folder), "--model", str(trained), "--out"]
+    assert main([*args, str(tmp_path / "t")]) == 0
+    assert "these are the images the model was trained on" in capsys.readouterr().err
+    assert json.loads((tmp_path / "t" / "report.json").read_text())["same_data_as_training"]
+    assert (
+        "**These are the images the model was trained on**"
+        in (tmp_path / "t" / "report.md").read_text()
+    )
+
+
+def test_validate_refuses_a_class_the_model_does_not_know(
+    trained: Path, other_site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(other_site / "blast", data / "blast")
+    shutil.copytree(other_site / "normal", data / "monocyte")
+    capsys.readouterr()
+    code = main(["validate", str(data), "--model", str(trained), "--out", str(tmp_path / "v")])
+    err = capsys.readouterr().err
+    assert code != 0 and not (tmp_path / "v").exists()
+    assert "['monocyte'] that the model does not know; its classes are ['blast', 'normal']" in err
+
+
 def test_model_card_command(
     trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
