@@ -29,7 +29,6 @@ from leuk_fhir.model.evaluation import (
     plot_errors,
     plot_roc,
 )
-from leuk_fhir.model.framing import Framing
 from leuk_fhir.model.machine import describe_machine, machine_text
 
 #: The heads a model file carries (the SVM baseline is fitted only inside ``evaluate``).
@@ -170,6 +169,8 @@ def render_validation_markdown(report: dict[str, Any]) -> str:
     model, data = report["model"], report["dataset"]
     trained = model["trained_on"]
     demo = " **Demo model, not for clinical use.**" if model["is_demo"] else ""
+    crop = float(model["crop"])
+    framing = "the whole image" if crop >= 1.0 else f"the central {crop:.0%} of each image"
     lines = [
         "# leuk-fhir external validation report",
         "",
@@ -178,8 +179,8 @@ def render_validation_markdown(report: dict[str, Any]) -> str:
         "",
         f"Data: `{data['source']}`: {report['images']} images, classes {data['classes']}; "
         f"{data['duplicates_dropped']} byte-identical duplicate(s) dropped; prepared as the "
-        f"model prepares every image ({model['image_size']} px, "
-        f"{Framing(**data['framing']).describe()}); {report['seconds_total']:.0f} s on "
+        f"model prepares every image ({model['image_size']} px, {framing}); "
+        f"{report['seconds_total']:.0f} s on "
         f"{machine_text(report.get('machine'))}.",
         "",
     ]
