@@ -30,6 +30,7 @@ from leuk_fhir.model.evaluation import (
     plot_roc,
 )
 from leuk_fhir.model.machine import describe_machine, machine_text
+from leuk_fhir.model.statistics import comparison_text, mcnemar, wilson_interval
 
 #: The heads a model file carries (the SVM baseline is fitted only inside ``evaluate``).
 HEADS = ("hosvd", "softmax")
@@ -83,8 +84,10 @@ def validate_model(
     heads: dict[str, Any] = {}
     for head in HEADS:
         per_class = per_class_metrics(y, predicted[head], scores[head], len(names))
+        right = predicted[head] == y
         heads[head] = {
-            "accuracy": float(np.mean(predicted[head] == y)),
+            "accuracy": float(np.mean(right)),
+            "accuracy_ci95": wilson_interval(int(right.sum()), len(y)),
             "macro_f1": _mean(per_class["f1"]),
             "macro_auc": _mean(per_class["auc"]),
             "per_class": {
@@ -141,6 +144,13 @@ def validate_model(
         "indeterminate_rate": float(indeterminate.mean()) if len(y) else 0.0,
         "out_of_focus_rate": float(out_of_focus.mean()) if len(y) else 0.0,
         "heads": heads,
+        "head_comparisons": [
+            {
+                "a": "hosvd",
+                "b": "softmax",
+                **mcnemar(predicted["hosvd"] == y, predicted["softmax"] == y),
+            }
+        ],
         "misclassified": misclassified,
         "_error_crops": dataset.images[[position[e["path"]] for e in shown]],
         "_roc": {h: {"true": y, "scores": scores[h]} for h in HEADS},
@@ -201,7 +211,7 @@ def render_validation_markdown(report: dict[str, Any]) -> str:
     lines += [
         "## Accuracy per head (%)",
         "",
-        "| Head | Accuracy | Macro F1 | Macro AUC | The model's own cross-validation |",
+        "| Head | Accuracy (95% CI) | Macro F1 | Macro AUC | The model's own cross-validation |",
         "|---|---|---|---|---|",
     ]
     for head, s in report["heads"].items():
@@ -212,10 +222,16 @@ def render_validation_markdown(report: dict[str, Any]) -> str:
             if own
             else "not recorded (train with --cv-folds K)"
         )
+        interval = s["accuracy_ci95"]
+        ci = "" if interval is None else f" ({_pct(interval[0])}-{_pct(interval[1])})"
         lines.append(
-            f"| {head} | {_pct(s['accuracy'])} | {_pct(s['macro_f1'])} | "
+            f"| {head} | {_pct(s['accuracy'])}{ci} | {_pct(s['macro_f1'])} | "
             f"{_pct(s['macro_auc'])} | {own_text} |"
         )
+    lines += [
+        "",
+        *[f"- {comparison_text(c['a'], c['b'], c)}" for c in report["head_comparisons"]],
+    ]
     own_rate = cv.get("indeterminate_rate_mean")
     lines += [
         "",

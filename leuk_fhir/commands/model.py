@@ -370,8 +370,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     path = write_report(report, args.out)
     clear_folds(keep)
     for head, s in report["heads"].items():
+        low, high = s["accuracy_ci95"]
         print(
             f"{head:8s} accuracy {100 * s['accuracy_mean']:.2f}% +- {100 * s['accuracy_std']:.2f}"
+            f" (all cells {100 * s['accuracy_pooled']:.2f}%, 95% CI {100 * low:.2f}-"
+            f"{100 * high:.2f})"
         )
     resumed = report["resumed_folds"]
     reused = f"; fold(s) {', '.join(map(str, resumed))} from an earlier run" if resumed else ""
@@ -417,7 +420,11 @@ def _validate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     for head, s in report["heads"].items():
-        print(f"{head:8s} accuracy {100 * s['accuracy']:.2f}%")
+        low, high = s["accuracy_ci95"]
+        print(
+            f"{head:8s} accuracy {100 * s['accuracy']:.2f}% (95% CI {100 * low:.2f}-"
+            f"{100 * high:.2f})"
+        )
     answered = report["heads"]["hosvd"]["answered_accuracy"]
     print(
         f"indeterminate {100 * report['indeterminate_rate']:.2f}% of {report['images']} cells"

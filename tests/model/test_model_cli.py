@@ -131,6 +131,10 @@ def test_validate_scores_the_model_as_predict_does(
     if answered:
         right = sum(r["true"] == r["hosvd"] for r in answered) / len(answered)
         assert report["heads"]["hosvd"]["answered_accuracy"] == pytest.approx(right)
+    only_hosvd = sum(r["true"] == r["hosvd"] != r["softmax"] for r in rows)
+    only_softmax = sum(r["true"] == r["softmax"] != r["hosvd"] for r in rows)
+    (comparison,) = report["head_comparisons"]
+    assert (comparison["only_a"], comparison["only_b"]) == (only_hosvd, only_softmax)
     assert report["model"]["sha256"] == load_classifier(trained).info.sha256
     assert "not recorded (train with --cv-folds K)" in (out / "report.md").read_text()
 
@@ -238,7 +242,8 @@ def test_evaluate_writes_reports_for_three_heads(
     assert f"in total on {machine_text(machine)}, CNNs" in markdown
     assert f"CNNs trained in {precision}." in markdown
     # Before training it says what trains on which machine; each fold's result as it ends.
-    err = capsys.readouterr().err
+    printed = capsys.readouterr()
+    err = printed.err
     assert f"CNN training in {precision} on {machine_text(machine)}" in err
     for fold in report["per_fold"]:
         accuracy = 100 * fold["heads"]["hosvd"]["accuracy"]
@@ -247,6 +252,22 @@ def test_evaluate_writes_reports_for_three_heads(
     assert (out / "confusion_matrix.png").stat().st_size > 1000 and (
         out / "roc.png"
     ).stat().st_size > 1000
+    # Every cell is held out once: the pooled share and its interval, and the heads compared
+    # cell by cell, agree with the list of misclassified cells.
+    wrong = {h: {e["path"] for e in report["misclassified"][h]} for h in report["heads"]}
+    for name, head in report["heads"].items():
+        assert head["accuracy_pooled"] == pytest.approx(1 - len(wrong[name]) / 48)
+        low, high = head["accuracy_ci95"]
+        assert low <= head["accuracy_pooled"] <= high and high - low > 0.01
+    for comparison in report["head_comparisons"]:
+        a, b = wrong[comparison["a"]], wrong[comparison["b"]]
+        assert (comparison["only_a"], comparison["only_b"]) == (len(b - a), len(a - b))
+        assert 0.0 <= comparison["p_value"] <= 1.0
+    assert [(c["a"], c["b"]) for c in report["head_comparisons"]] == [
+        ("hosvd", "softmax"),
+        ("hosvd", "svm"),
+    ]
+    assert "McNemar exact p = " in markdown and "95% CI" in printed.out
 
 
 def test_bad_input_gives_one_line_and_an_exit_code(
