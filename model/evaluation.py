@@ -896,7 +896,14 @@ def evaluation_summary(report: dict[str, Any]) -> dict[str, Any]:
         "heads": {
             h: {
                 k: s[k]
-                for k in ("accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_auc_mean")
+                for k in (
+                    "accuracy_mean",
+                    "accuracy_std",
+                    "accuracy_pooled",
+                    "accuracy_ci95",
+                    "macro_f1_mean",
+                    "macro_auc_mean",
+                )
             }
             for h, s in report["heads"].items()
         },

@@ -143,13 +143,29 @@ def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
             )
             + "); mean +- std over folds:",
             "",
-            "| Head | Accuracy | Macro F1 | Macro AUC |",
-            "|---|---|---|---|",
         ]
+        # files written before the interval existed have none: no column then
+        with_interval = any("accuracy_ci95" in f for f in evaluation["heads"].values())
+        lines += (
+            [
+                "| Head | Accuracy | All held-out cells (95% CI) | Macro F1 | Macro AUC |",
+                "|---|---|---|---|---|",
+            ]
+            if with_interval
+            else ["| Head | Accuracy | Macro F1 | Macro AUC |", "|---|---|---|---|"]
+        )
         for head, figures in evaluation["heads"].items():
+            interval = figures.get("accuracy_ci95")
+            pooled = (
+                "n/a"
+                if interval is None
+                else f"{_pct(figures.get('accuracy_pooled'))} ({_pct(interval[0])}-"
+                f"{_pct(interval[1])})"
+            )
             lines.append(
                 f"| {head} | {_pct(figures['accuracy_mean'])} +- {_pct(figures['accuracy_std'])} | "
-                f"{_pct(figures.get('macro_f1_mean'))} | {_pct(figures.get('macro_auc_mean'))} |"
+                + (f"{pooled} | " if with_interval else "")
+                + f"{_pct(figures.get('macro_f1_mean'))} | {_pct(figures.get('macro_auc_mean'))} |"
             )
         if "indeterminate_rate_mean" in evaluation:
             lines.append(

@@ -453,6 +453,13 @@ def test_train_with_cv_folds_stopped_by_sigterm_continues(
     evaluation = read_artifact(out).manifest["evaluation"]
     assert evaluation["folds"] == 3 and set(evaluation["heads"]) == {"hosvd", "softmax", "svm"}
     assert not (tmp_path / "m.lfm.folds").exists()
+    # The model card shows each head's figure over all held-out cells with its interval.
+    low, high = evaluation["heads"]["hosvd"]["accuracy_ci95"]
+    assert main(["model-card", "--model", str(out)]) == 0
+    card = capsys.readouterr().out
+    assert "All held-out cells (95% CI)" in card and f"{100 * high:.2f}%)" in card
+    assert main(["model-card"]) == 0  # the demo model's file predates the interval
+    assert "All held-out cells" not in capsys.readouterr().out
 
 
 def test_evaluate_stopped_inside_a_fold_continues_its_cnn(
