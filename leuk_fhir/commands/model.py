@@ -407,7 +407,6 @@ def _validate(args: argparse.Namespace) -> int:
         binary_positive=args.binary_positive,
         progress=True,
         crop=clf.crop,
-        subclasses=False,
         groups=False,
         min_classes=1,
     )

@@ -186,6 +186,31 @@ def test_validate_refuses_a_class_the_model_does_not_know(
     assert "['monocyte'] that the model does not know; its classes are ['blast', 'normal']" in err
 
 
+def test_validate_a_two_class_model_on_more_classes(
+    other_site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    data = tmp_path / "three"
+    for source, name in (("blast", "blast"), ("normal", "lymphocyte"), ("normal", "monocyte")):
+        shutil.copytree(other_site / source, data / name)
+    model = tmp_path / "blast-vs-other.lfm"
+    train = ["train", str(data), "--binary-positive", "blast", "--epochs", "3"]
+    assert main([*train, "--image-size", "32", "--out", str(model)]) == 0
+    capsys.readouterr()
+    args = ["validate", str(data), "--model", str(model), "--out", str(tmp_path / "v")]
+    assert main(args) != 0  # lymphocyte and monocyte are not classes of this model
+    assert "that the model does not know; its classes are ['blast', 'other']" in (
+        capsys.readouterr().err
+    )
+    assert main([*args, "--binary-positive", "blast"]) == 0
+    report = json.loads((tmp_path / "v" / "report.json").read_text())
+    # monocyte/ holds copies of lymphocyte/: dropped as byte-identical duplicates
+    assert report["dataset"]["classes"] == {"blast": 30, "other": 30}
+    assert report["dataset"]["duplicates_dropped"] == 30
+    assert report["same_data_as_training"]  # relabelled the same way as for training
+
+
 def test_model_card_command(
     trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
