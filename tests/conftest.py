@@ -42,9 +42,8 @@ def fhir_base() -> Iterator[str]:
     given = os.environ.get(FHIR_BASE_ENV, "").strip().rstrip("/")
     if given:
         if not _metadata_answers(given):
-            pytest.fail(
-                f"{FHIR_BASE_ENV}={given} but GET {given}/metadata does not answer", pytrace=False
-            )
+            pytest.fail(f"{FHIR_BASE_ENV}={given} but GET {given}/metadata does not answer",
+                        pytrace=False)
         yield given
         return
     port = os.environ.get(HAPI_PORT_ENV, "8080")
@@ -52,29 +51,17 @@ def fhir_base() -> Iterator[str]:
     if _metadata_answers(local):
         yield local
         return
-    run = subprocess.run(
-        ["bash", str(HAPI_SERVER_DIR / "run"), "--port", port],
-        capture_output=True,
-        text=True,
-        timeout=HAPI_START_TIMEOUT_S,
-        check=False,
-    )
+    run = subprocess.run(["bash", str(HAPI_SERVER_DIR / "run"), "--port", port],
+                         capture_output=True, text=True, timeout=HAPI_START_TIMEOUT_S, check=False)
     lines = run.stdout.strip().splitlines()
     if run.returncode != 0 or not lines:
-        pytest.fail(
-            f"tests/hapi-server/run --port {port} failed (exit {run.returncode}):\n"
-            f"{run.stderr[-4000:]}",
-            pytrace=False,
-        )
+        pytest.fail(f"tests/hapi-server/run --port {port} failed (exit {run.returncode}):\n"
+                    f"{run.stderr[-4000:]}", pytrace=False)
     try:
         yield lines[-1].strip()
     finally:
-        subprocess.run(
-            ["bash", str(HAPI_SERVER_DIR / "stop"), "--port", port],
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
+        subprocess.run(["bash", str(HAPI_SERVER_DIR / "stop"), "--port", port],
+                       capture_output=True, timeout=120, check=False)
 
 
 @dataclass(frozen=True)
@@ -103,9 +90,8 @@ class FhirTestNamespace:
         return expunge(self.base, resource_types, {"identifier": self.token()})
 
 
-def expunge(
-    base: str, resource_types: tuple[str, ...] | list[str], search: dict[str, str]
-) -> list[str]:
+def expunge(base: str, resource_types: tuple[str, ...] | list[str],
+            search: dict[str, str]) -> list[str]:
     """Delete the resources of `resource_types` that `search` finds (cascading to the resources
     that reference them) and remove them for good with HAPI's instance-level `$expunge`.
 
@@ -115,36 +101,24 @@ def expunge(
     headers = {"Accept": FHIR_JSON, "Cache-Control": "no-cache"}
     ids: list[str] = []
     for resource_type in resource_types:  # all ids first: a cascade hides referrers from search
-        found = requests.get(
-            f"{base}/{resource_type}",
-            params={**search, "_elements": "id", "_count": "1000"},
-            headers=headers,
-            timeout=120,
-        )
+        found = requests.get(f"{base}/{resource_type}",
+                             params={**search, "_elements": "id", "_count": "1000"},
+                             headers=headers, timeout=120)
         _raise_for_fhir_error(found, f"search {resource_type}?{search}")
         ids += [f"{resource_type}/{e['resource']['id']}" for e in found.json().get("entry", [])]
     for resource_type in resource_types:
-        deleted = requests.delete(
-            f"{base}/{resource_type}",
-            params={**search, "_cascade": "delete"},
-            headers=headers,
-            timeout=120,
-        )
+        deleted = requests.delete(f"{base}/{resource_type}",
+                                  params={**search, "_cascade": "delete"},
+                                  headers=headers, timeout=120)
         _raise_for_fhir_error(deleted, f"DELETE {resource_type}?{search}")
     parameters: dict[str, Any] = {
         "resourceType": "Parameters",
-        "parameter": [
-            {"name": "expungeDeletedResources", "valueBoolean": True},
-            {"name": "expungePreviousVersions", "valueBoolean": True},
-        ],
+        "parameter": [{"name": "expungeDeletedResources", "valueBoolean": True},
+                      {"name": "expungePreviousVersions", "valueBoolean": True}],
     }
     for resource_id in ids:
-        expunged = requests.post(
-            f"{base}/{resource_id}/$expunge",
-            json=parameters,
-            headers={**headers, "Content-Type": FHIR_JSON},
-            timeout=120,
-        )
+        expunged = requests.post(f"{base}/{resource_id}/$expunge", json=parameters,
+                                 headers={**headers, "Content-Type": FHIR_JSON}, timeout=120)
         _raise_for_fhir_error(expunged, f"{resource_id}/$expunge")
     return ids
 
@@ -158,9 +132,8 @@ def _raise_for_fhir_error(response: requests.Response, what: str) -> None:
 def fhir_namespace(request: pytest.FixtureRequest, fhir_base: str) -> FhirTestNamespace:
     """A `FhirTestNamespace` for the requesting test module (fresh in every session)."""
     module = re.sub(r"[^A-Za-z0-9-]+", "-", request.module.__name__.rsplit(".", 1)[-1])
-    return FhirTestNamespace(
-        base=fhir_base, system=f"urn:leuk-fhir:test:{module}:{uuid.uuid4().hex[:12]}"
-    )
+    return FhirTestNamespace(base=fhir_base,
+                             system=f"urn:leuk-fhir:test:{module}:{uuid.uuid4().hex[:12]}")
 
 
 @pytest.hookimpl(hookwrapper=True)

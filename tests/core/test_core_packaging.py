@@ -13,20 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_wheel_installs_only_leuk_fhir_at_top_level(tmp_path: Path):
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-        ],
-        check=True,
-        cwd=tmp_path,
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(ROOT)],
+        check=True, cwd=tmp_path,
     )
     (wheel,) = tmp_path.glob("leuk_fhir-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -58,10 +47,7 @@ def test_checkout_package_finds_model_and_adapters_without_an_install_mapping():
     )
     done = subprocess.run(
         [sys.executable, "-S", "-c", code, str(ROOT), *site.getsitepackages()],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     hosvd_file, adapter_file = done.stdout.split()

@@ -19,7 +19,7 @@ def test_file_then_environment_precedence(tmp_path: Path):
     config = tmp_path / "leuk.toml"
     config.write_text(
         'data_dir = "/srv/leuk"\n'
-        '[dicom]\nport = 104\nallowed_calling_aes = ["SCOPE1", "SCANNER"]\n'
+        "[dicom]\nport = 104\nallowed_calling_aes = [\"SCOPE1\", \"SCANNER\"]\n"
         '[fhir]\nbase_url = "https://ehr.example/fhir"\nauth = "bearer"\n'
     )
     env = {"LEUK_FHIR_DICOM_PORT": "11113", "LEUK_FHIR_FHIR_TIMEOUT_S": "5.5"}

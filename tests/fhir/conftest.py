@@ -59,9 +59,7 @@ class ArrayPixelSource:
 
 
 CLASSES = (
-    CellClass(
-        "blast", "Lymphoblast", is_blast=True, snomed_code="15433008", snomed_display="Lymphoblast"
-    ),
+    CellClass("blast", "Lymphoblast", is_blast=True, snomed_code="15433008", snomed_display="Lymphoblast"),
     CellClass("lymphocyte", "Lymphocyte", snomed_code="56972008", snomed_display="Lymphocyte"),
     CellClass("neutrophil", "Neutrophil", snomed_code="30451008", snomed_display="Neutrophil"),
 )
@@ -69,11 +67,8 @@ CLASSES = (
 
 def model_info(version: str = "1.0.0", card: bool = True) -> ModelInfo:
     return ModelInfo(
-        name="leuk-hosvd-test",
-        version=version,
-        sha256=hashlib.sha256(version.encode()).hexdigest(),
-        classes=CLASSES,
-        metrics={"accuracy_mean": 0.97, "folds": 5.0},
+        name="leuk-hosvd-test", version=version, sha256=hashlib.sha256(version.encode()).hexdigest(),
+        classes=CLASSES, metrics={"accuracy_mean": 0.97, "folds": 5.0},
         model_card_markdown="# leuk-hosvd-test\nTest model card." if card else None,
     )
 
@@ -103,14 +98,11 @@ def make_findings(
     sha = hashlib.sha256(img.tobytes()).hexdigest()
     ref = None
     if dicom:
-        ref = DicomReference(
-            study_uid=f"1.2.826.0.1.3680043.8.498.{seed + 1}",
-            series_uid=f"1.2.826.0.1.3680043.8.498.{seed + 1}.1",
-            sop_instance_uid=f"1.2.826.0.1.3680043.8.498.{seed + 1}.1.1",
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.77.1.2",
-            accession_number=f"ACC{seed}",
-            modality="SM",
-        )
+        ref = DicomReference(study_uid=f"1.2.826.0.1.3680043.8.498.{seed + 1}",
+                             series_uid=f"1.2.826.0.1.3680043.8.498.{seed + 1}.1",
+                             sop_instance_uid=f"1.2.826.0.1.3680043.8.498.{seed + 1}.1.1",
+                             sop_class_uid="1.2.840.10008.5.1.4.1.1.77.1.2",
+                             accession_number=f"ACC{seed}", modality="SM")
     acq = Acquisition(
         source_id=source_id or (ref.sop_instance_uid if ref else sha),
         pixels=ArrayPixelSource(img),
@@ -119,46 +111,25 @@ def make_findings(
         filename=f"smear-{seed}.png",
         media_type="application/dicom" if dicom else "image/png",
         acquired_at=datetime(2026, 11, 20, 9, 30, tzinfo=UTC),
-        patient=PatientInfo(
-            identifier=patient_id, name="Doe^Jane", birth_date=date(1980, 2, 3), sex="F"
-        )
-        if patient_id
-        else PatientInfo(),
-        specimen=SpecimenInfo(
-            identifier=f"SP-{seed}",
-            stain="May-Grunwald-Giemsa",
-            collected_at=datetime(2026, 11, 20, 8, 0, tzinfo=UTC),
-        ),
+        patient=PatientInfo(identifier=patient_id, name="Doe^Jane", birth_date=date(1980, 2, 3), sex="F")
+        if patient_id else PatientInfo(),
+        specimen=SpecimenInfo(identifier=f"SP-{seed}", stain="May-Grunwald-Giemsa",
+                              collected_at=datetime(2026, 11, 20, 8, 0, tzinfo=UTC)),
         dicom=ref,
     )
     boxes = ((80, 80, 80, 80), (360, 200, 80, 80), (160, 340, 80, 80))
     cells = []
     for i, label in enumerate(labels):
         if label == "indeterminate":
-            cells.append(
-                CellFinding(
-                    label="indeterminate",
-                    probabilities={"blast": 0.4, "lymphocyte": 0.35, "neutrophil": 0.25},
-                    box=boxes[i % 3],
-                    indeterminate_reason="residual above threshold",
-                )
-            )
+            cells.append(CellFinding(label="indeterminate", probabilities={"blast": 0.4, "lymphocyte": 0.35, "neutrophil": 0.25},
+                                     box=boxes[i % 3], indeterminate_reason="residual above threshold"))
         else:
             probs = {c.name: 0.05 for c in CLASSES}
             probs[label] = 0.9
-            cells.append(
-                CellFinding(
-                    label=label,
-                    probabilities=probs,
-                    box=None if scope is Scope.CELL else boxes[i % 3],
-                )
-            )
-    return Findings(
-        acquisition=acq,
-        model=model_info(version, card),
-        cells=tuple(cells),
-        created_at=datetime(2026, 11, 20, 10, 0, tzinfo=UTC),
-    )
+            cells.append(CellFinding(label=label, probabilities=probs,
+                                     box=None if scope is Scope.CELL else boxes[i % 3]))
+    return Findings(acquisition=acq, model=model_info(version, card), cells=tuple(cells),
+                    created_at=datetime(2026, 11, 20, 10, 0, tzinfo=UTC))
 
 
 @pytest.fixture
@@ -168,9 +139,8 @@ def fhir_settings() -> FhirSettings:
 
 @pytest.fixture
 def outbox_settings() -> OutboxSettings:
-    return OutboxSettings(
-        max_attempts=5, backoff_initial_s=0.05, backoff_max_s=0.5, poll_interval_s=0.05, lease_s=5.0
-    )
+    return OutboxSettings(max_attempts=5, backoff_initial_s=0.05, backoff_max_s=0.5,
+                          poll_interval_s=0.05, lease_s=5.0)
 
 
 @pytest.fixture(scope="session")
@@ -193,10 +163,8 @@ def rsa_pair() -> tuple[bytes, dict]:
     from joserfc.jwk import RSAKey
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    pub = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
     return pem, {"keys": [{**RSAKey.import_key(pub).as_dict(private=False), "kid": "k1"}]}

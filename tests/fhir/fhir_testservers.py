@@ -28,12 +28,8 @@ from typing import Any
 import requests
 
 CAPABILITY_STATEMENT = {  # only used when the proxy has no upstream (client-level fault tests)
-    "resourceType": "CapabilityStatement",
-    "status": "active",
-    "kind": "instance",
-    "fhirVersion": "4.0.1",
-    "format": ["json"],
-    "date": "2026-01-01",
+    "resourceType": "CapabilityStatement", "status": "active", "kind": "instance", "fhirVersion": "4.0.1",
+    "format": ["json"], "date": "2026-01-01",
     "software": {"name": "fault-injector"},
     "rest": [{"mode": "server", "interaction": [{"code": "transaction"}]}],
 }
@@ -71,14 +67,9 @@ class ProxyLog:
 class FaultProxy:
     """See module docstring. ``base_url`` is ``http://127.0.0.1:PORT/fhir``."""
 
-    def __init__(
-        self,
-        upstream: str | None,
-        port: int | None = None,
-        token_check: Any | None = None,
-        smart_configuration: dict[str, Any] | None = None,
-        ssl_context: Any | None = None,
-    ) -> None:
+    def __init__(self, upstream: str | None, port: int | None = None,
+                 token_check: Any | None = None, smart_configuration: dict[str, Any] | None = None,
+                 ssl_context: Any | None = None) -> None:
         self.upstream = upstream.rstrip("/") if upstream else None
         self.port = port or free_port()
         self.faults: collections.deque[Fault] = collections.deque()
@@ -134,14 +125,8 @@ class FaultProxy:
 
     # ------------------------------------------------------------------
 
-    def _reply(
-        self,
-        h: BaseHTTPRequestHandler,
-        status: int,
-        body: bytes,
-        ctype: str,
-        headers: dict[str, str] | None = None,
-    ) -> None:
+    def _reply(self, h: BaseHTTPRequestHandler, status: int, body: bytes, ctype: str,
+               headers: dict[str, str] | None = None) -> None:
         h.send_response(status)
         h.send_header("Content-Type", ctype)
         h.send_header("Content-Length", str(len(body)))
@@ -155,31 +140,16 @@ class FaultProxy:
         body = h.rfile.read(length) if length else b""
         path = h.path
         if path.startswith("/fhir"):
-            path = path[len("/fhir") :]
+            path = path[len("/fhir"):]
         if path.startswith("/.well-known/smart-configuration") and self.smart_configuration:
-            return self._reply(
-                h, 200, json.dumps(self.smart_configuration).encode(), "application/json"
-            )
+            return self._reply(h, 200, json.dumps(self.smart_configuration).encode(), "application/json")
         auth = h.headers.get("Authorization", "")
         self.log.authorizations.append(auth)
         if self.token_check is not None and not self.token_check(auth):
-            outcome = {
-                "resourceType": "OperationOutcome",
-                "issue": [
-                    {
-                        "severity": "error",
-                        "code": "login",
-                        "diagnostics": "invalid or expired token",
-                    }
-                ],
-            }
-            return self._reply(
-                h,
-                401,
-                json.dumps(outcome).encode(),
-                "application/fhir+json",
-                {"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            )
+            outcome = {"resourceType": "OperationOutcome",
+                       "issue": [{"severity": "error", "code": "login", "diagnostics": "invalid or expired token"}]}
+            return self._reply(h, 401, json.dumps(outcome).encode(), "application/fhir+json",
+                               {"WWW-Authenticate": 'Bearer error="invalid_token"'})
         is_transaction = method == "POST" and path in ("", "/")
         fault = None
         if is_transaction:
@@ -194,38 +164,19 @@ class FaultProxy:
                 h.connection.shutdown(socket.SHUT_RDWR)
                 return None
             if fault.kind.startswith("html"):
-                return self._reply(
-                    h, 502 if fault.kind == "html-502" else 200, HTML_PAGE, "text/html"
-                )
+                return self._reply(h, 502 if fault.kind == "html-502" else 200, HTML_PAGE, "text/html")
             extra = {"Retry-After": fault.retry_after} if fault.retry_after else {}
-            outcome = fault.outcome or {
-                "resourceType": "OperationOutcome",
-                "issue": [
-                    {
-                        "severity": "error",
-                        "code": "exception",
-                        "diagnostics": f"injected HTTP {fault.status}",
-                    }
-                ],
-            }
-            return self._reply(
-                h, fault.status, json.dumps(outcome).encode(), "application/fhir+json", extra
-            )
+            outcome = fault.outcome or {"resourceType": "OperationOutcome", "issue": [
+                {"severity": "error", "code": "exception", "diagnostics": f"injected HTTP {fault.status}"}]}
+            return self._reply(h, fault.status, json.dumps(outcome).encode(), "application/fhir+json", extra)
         if self.upstream is None:
             if method == "GET" and path.startswith("/metadata"):
-                return self._reply(
-                    h, 200, json.dumps(CAPABILITY_STATEMENT).encode(), "application/fhir+json"
-                )
+                return self._reply(h, 200, json.dumps(CAPABILITY_STATEMENT).encode(), "application/fhir+json")
             return self._reply(h, 502, b"no upstream", "text/plain")
-        headers = {
-            k: v
-            for k, v in h.headers.items()
-            if k.lower() in ("content-type", "accept", "prefer", "cache-control")
-        }
+        headers = {k: v for k, v in h.headers.items()
+                   if k.lower() in ("content-type", "accept", "prefer", "cache-control")}
         try:
-            up = self._session.request(
-                method, self.upstream + path, data=body or None, headers=headers, timeout=120
-            )
+            up = self._session.request(method, self.upstream + path, data=body or None, headers=headers, timeout=120)
         except requests.RequestException as exc:
             return self._reply(h, 502, f"upstream unreachable: {exc}".encode(), "text/plain")
         if is_transaction:
@@ -250,14 +201,8 @@ class FaultProxy:
 class SmartAuthServer:
     """authlib's OAuth2 AuthorizationServer (client credentials + JWT client assertion) on loopback."""
 
-    def __init__(
-        self,
-        client_id: str,
-        public_jwks: dict[str, Any],
-        *,
-        expires_in: int = 3600,
-        scope: str = "system/*.cruds",
-    ) -> None:
+    def __init__(self, client_id: str, public_jwks: dict[str, Any], *, expires_in: int = 3600,
+                 scope: str = "system/*.cruds") -> None:
         from authlib.integrations.flask_oauth2 import AuthorizationServer
         from authlib.oauth2.rfc6749 import ClientMixin, grants
         from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
@@ -321,9 +266,7 @@ class SmartAuthServer:
                 except JoseError as e:
                     raise InvalidClientError(description=e.description) from e
                 self.verify_claims(token.claims)
-                outer.assertions.append(
-                    {"header": dict(token.header), "claims": dict(token.claims)}
-                )
+                outer.assertions.append({"header": dict(token.header), "claims": dict(token.claims)})
                 return token.claims
 
         app = Flask("smart-auth-test")
@@ -341,9 +284,7 @@ class SmartAuthServer:
             TOKEN_ENDPOINT_AUTH_METHODS = [JWTBearerClientAssertion.CLIENT_AUTH_METHOD]
 
         server.register_grant(ClientCredentials)
-        server.register_client_auth_method(
-            JWTBearerClientAssertion.CLIENT_AUTH_METHOD, SmartClientAssertion()
-        )
+        server.register_client_auth_method(JWTBearerClientAssertion.CLIENT_AUTH_METHOD, SmartClientAssertion())
 
         @app.post("/token")
         def issue_token() -> Any:

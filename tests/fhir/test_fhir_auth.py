@@ -21,20 +21,13 @@ CLIENT_ID = "leuk-fhir-backend"
 
 
 def pem(key) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
 
 
 def jwks(key, kid: str) -> dict:
-    pub = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    jwk = (
-        (RSAKey if isinstance(key, rsa.RSAPrivateKey) else ECKey)
-        .import_key(pub)
-        .as_dict(private=False)
-    )
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    jwk = (RSAKey if isinstance(key, rsa.RSAPrivateKey) else ECKey).import_key(pub).as_dict(private=False)
     return {"keys": [{**jwk, "kid": kid}]}
 
 
@@ -52,15 +45,10 @@ def ec_key():
 def smart_env(rsa_key, ec_key):
     keys = jwks(rsa_key, "rsa-1")["keys"] + jwks(ec_key, "ec-1")["keys"]
     auth_server = SmartAuthServer(CLIENT_ID, {"keys": keys}).start()
-    proxy = FaultProxy(
-        None,
-        token_check=auth_server.check,
-        smart_configuration={
-            "token_endpoint": auth_server.token_url,
-            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
-            "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
-        },
-    ).start()
+    proxy = FaultProxy(None, token_check=auth_server.check,
+                       smart_configuration={"token_endpoint": auth_server.token_url,
+                                            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+                                            "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"]}).start()
     yield auth_server, proxy
     proxy.stop()
     auth_server.stop()
@@ -68,13 +56,8 @@ def smart_env(rsa_key, ec_key):
 
 def test_smart_backend_token_discovered_cached_and_accepted(smart_env, rsa_key):
     auth_server, proxy = smart_env
-    auth = SmartBackendAuth(
-        client_id=CLIENT_ID,
-        private_key_pem=pem(rsa_key),
-        key_id="rsa-1",
-        scope="system/DiagnosticReport.c",
-        fhir_base_url=proxy.base_url,
-    )
+    auth = SmartBackendAuth(client_id=CLIENT_ID, private_key_pem=pem(rsa_key), key_id="rsa-1",
+                            scope="system/DiagnosticReport.c", fhir_base_url=proxy.base_url)
     client = EhrClient(proxy.base_url, auth)
     caps = client.capabilities()
     assert caps.fhir_version == "4.0.1"
@@ -94,13 +77,8 @@ def test_smart_backend_token_discovered_cached_and_accepted(smart_env, rsa_key):
 
 def test_401_fetches_a_fresh_token_once(smart_env, ec_key):
     auth_server, proxy = smart_env
-    auth = SmartBackendAuth(
-        client_id=CLIENT_ID,
-        private_key_pem=pem(ec_key),
-        key_id="ec-1",
-        scope="system/Observation.c",
-        token_url=auth_server.token_url,
-    )
+    auth = SmartBackendAuth(client_id=CLIENT_ID, private_key_pem=pem(ec_key), key_id="ec-1",
+                            scope="system/Observation.c", token_url=auth_server.token_url)
     assert auth.algorithm == "ES384"
     client = EhrClient(proxy.base_url, auth)
     client.capabilities()
@@ -116,13 +94,8 @@ def test_401_fetches_a_fresh_token_once(smart_env, ec_key):
 def test_token_is_renewed_before_expiry(rsa_key):
     auth_server = SmartAuthServer(CLIENT_ID, jwks(rsa_key, "k"), expires_in=2).start()
     try:
-        auth = SmartBackendAuth(
-            client_id=CLIENT_ID,
-            private_key_pem=pem(rsa_key),
-            key_id="k",
-            scope="system/Patient.c",
-            token_url=auth_server.token_url,
-        )
+        auth = SmartBackendAuth(client_id=CLIENT_ID, private_key_pem=pem(rsa_key), key_id="k",
+                                scope="system/Patient.c", token_url=auth_server.token_url)
         t1 = auth.access_token()
         assert auth.access_token() == t1  # still fresh (renewed 1 s before its 2 s life ends)
         time.sleep(1.2)
@@ -136,21 +109,12 @@ def test_token_is_renewed_before_expiry(rsa_key):
 def test_unregistered_key_is_refused_with_a_clear_error(smart_env):
     auth_server, proxy = smart_env
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    auth = SmartBackendAuth(
-        client_id=CLIENT_ID,
-        private_key_pem=pem(other),
-        key_id="rsa-1",
-        scope="system/Patient.c",
-        token_url=auth_server.token_url,
-    )
+    auth = SmartBackendAuth(client_id=CLIENT_ID, private_key_pem=pem(other), key_id="rsa-1",
+                            scope="system/Patient.c", token_url=auth_server.token_url)
     with pytest.raises(AuthenticationError, match="refused client"):
         auth.access_token()
-    unknown = SmartBackendAuth(
-        client_id="someone-else",
-        private_key_pem=pem(other),
-        scope="system/Patient.c",
-        token_url=auth_server.token_url,
-    )
+    unknown = SmartBackendAuth(client_id="someone-else", private_key_pem=pem(other),
+                               scope="system/Patient.c", token_url=auth_server.token_url)
     with pytest.raises(AuthenticationError, match="HTTP 401|HTTP 400"):
         unknown.access_token()
 
@@ -174,30 +138,16 @@ def test_auth_settings_errors(tmp_path, rsa_key):
     with pytest.raises(ConfigurationError):
         auth_from_settings(FhirSettings(auth="bearer"))
     with pytest.raises(ConfigurationError):
-        auth_from_settings(
-            FhirSettings(auth="smart-backend", client_id="x", base_url="http://127.0.0.1:1/fhir")
-        )
+        auth_from_settings(FhirSettings(auth="smart-backend", client_id="x", base_url="http://127.0.0.1:1/fhir"))
     key = tmp_path / "key.pem"
     key.write_bytes(pem(rsa_key))
-    auth = auth_from_settings(
-        FhirSettings(
-            auth="smart-backend",
-            client_id="x",
-            private_key_path=key,
-            base_url="http://127.0.0.1:1/fhir",
-        )
-    )
+    auth = auth_from_settings(FhirSettings(auth="smart-backend", client_id="x", private_key_path=key,
+                                           base_url="http://127.0.0.1:1/fhir"))
     assert isinstance(auth, SmartBackendAuth) and auth.algorithm == "RS384"
     key.write_text("not a key")
     with pytest.raises(ConfigurationError, match="private key"):
-        auth_from_settings(
-            FhirSettings(
-                auth="smart-backend",
-                client_id="x",
-                private_key_path=key,
-                base_url="http://127.0.0.1:1/fhir",
-            )
-        )
+        auth_from_settings(FhirSettings(auth="smart-backend", client_id="x", private_key_path=key,
+                                        base_url="http://127.0.0.1:1/fhir"))
     with pytest.raises(ConfigurationError):
         EhrClient.from_settings(FhirSettings())
 
@@ -214,20 +164,12 @@ def _self_signed(tmp_path):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
     cert_file, key_file = tmp_path / "ca.pem", tmp_path / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(pem(key))
@@ -243,17 +185,11 @@ def test_tls_is_verified_and_a_custom_ca_bundle_is_honoured(tmp_path):
     proxy = FaultProxy(None, ssl_context=ctx).start()
     try:
         assert proxy.base_url.startswith("https://")
-        with pytest.raises(
-            EhrUnavailableError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"
-        ):
+        with pytest.raises(EhrUnavailableError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
             EhrClient.from_settings(FhirSettings(base_url=proxy.base_url)).capabilities()
-        caps = EhrClient.from_settings(
-            FhirSettings(base_url=proxy.base_url, ca_bundle=ca)
-        ).capabilities()
+        caps = EhrClient.from_settings(FhirSettings(base_url=proxy.base_url, ca_bundle=ca)).capabilities()
         assert caps.fhir_version == "4.0.1"
         with pytest.raises(ConfigurationError, match="ca_bundle"):
-            EhrClient.from_settings(
-                FhirSettings(base_url=proxy.base_url, ca_bundle=tmp_path / "missing.pem")
-            )
+            EhrClient.from_settings(FhirSettings(base_url=proxy.base_url, ca_bundle=tmp_path / "missing.pem"))
     finally:
         proxy.stop()

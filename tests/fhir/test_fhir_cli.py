@@ -14,15 +14,7 @@ from leuk_fhir.fhir import build_report_bundle
 from .conftest import make_findings  # type: ignore[import-not-found]
 from .fhir_testservers import Fault, FaultProxy  # type: ignore[import-not-found]
 
-BCCD = (
-    Path(__file__).resolve().parents[2]
-    / ".."
-    / "shared"
-    / "datasets"
-    / "bccd"
-    / "BCCD"
-    / "JPEGImages"
-)
+BCCD = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "bccd" / "BCCD" / "JPEGImages"
 
 
 def test_push_refuses_a_file_that_is_not_a_transaction(tmp_path, capsys):
@@ -42,30 +34,9 @@ def test_outbox_commands_on_a_dead_letter(tmp_path, fhir_settings, capsys):
     assert main(["push", str(bundle_file), "--queue", "--outbox", str(outbox)]) == 0
     proxy = FaultProxy(None).start()
     try:
-        proxy.inject(
-            Fault(
-                "status",
-                422,
-                outcome={
-                    "resourceType": "OperationOutcome",
-                    "issue": [
-                        {"severity": "error", "code": "invalid", "diagnostics": "Profile violation"}
-                    ],
-                },
-            )
-        )
-        code = main(
-            [
-                "outbox",
-                "drain",
-                "--outbox",
-                str(outbox),
-                "--fhir-base",
-                proxy.base_url,
-                "--for",
-                "10",
-            ]
-        )
+        proxy.inject(Fault("status", 422, outcome={"resourceType": "OperationOutcome", "issue": [
+            {"severity": "error", "code": "invalid", "diagnostics": "Profile violation"}]}))
+        code = main(["outbox", "drain", "--outbox", str(outbox), "--fhir-base", proxy.base_url, "--for", "10"])
     finally:
         proxy.stop()
     assert code == 0
@@ -75,9 +46,7 @@ def test_outbox_commands_on_a_dead_letter(tmp_path, fhir_settings, capsys):
     assert f"{rb.report_identifier}/report" in out and "dead" in out and "Profile violation" in out
     assert main(["outbox", "show", "1", "--outbox", str(outbox)]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert (
-        shown["last_status"] == 422 and shown["operation_outcome"]["issue"][0]["code"] == "invalid"
-    )
+    assert shown["last_status"] == 422 and shown["operation_outcome"]["issue"][0]["code"] == "invalid"
     assert main(["outbox", "retry", "--all-dead", "--outbox", str(outbox)]) == 0
     with Outbox(outbox) as ob:
         assert ob.get(1).status.value == "pending"
@@ -89,9 +58,7 @@ def test_push_to_hapi_twice_creates_once(tmp_path, hapi_base, fhir_settings, cap
     import dataclasses
     import uuid
 
-    s = dataclasses.replace(
-        fhir_settings, identifier_system=f"urn:leuk-fhir:report:{uuid.uuid4().hex[:8]}"
-    )
+    s = dataclasses.replace(fhir_settings, identifier_system=f"urn:leuk-fhir:report:{uuid.uuid4().hex[:8]}")
     rb = build_report_bundle(make_findings(source_id=uuid.uuid4().hex), s, include_pdf=False)
     f = tmp_path / "bundle.json"
     f.write_text(json.dumps(rb.bundle))
@@ -109,31 +76,10 @@ def test_report_command_end_to_end(tmp_path, artifacts_dir):
         pytest.skip("shared BCCD dataset not available")
     out = tmp_path / "bundle.json"
     pdf = artifacts_dir / "report-cli-bccd.pdf"
-    assert (
-        main(
-            [
-                "report",
-                str(image),
-                "--out",
-                str(out),
-                "--pdf",
-                str(pdf),
-                "--patient-id",
-                "MRN-77",
-                "--patient-name",
-                "Roe^Richard",
-                "--specimen-id",
-                "SP-77",
-            ]
-        )
-        == 0
-    )
+    assert main(["report", str(image), "--out", str(out), "--pdf", str(pdf), "--patient-id", "MRN-77",
+                 "--patient-name", "Roe^Richard", "--specimen-id", "SP-77"]) == 0
     bundle = json.loads(out.read_text())
-    dr = next(
-        e["resource"]
-        for e in bundle["entry"]
-        if e["resource"]["resourceType"] == "DiagnosticReport"
-    )
+    dr = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
     assert dr["status"] == "preliminary" and "AI-generated" in dr["conclusion"]
     pat = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
     assert pat["identifier"][0]["value"] == "MRN-77" and pat["name"][0]["family"] == "Roe"

@@ -26,32 +26,16 @@ def test_field_report_has_every_resource_and_is_ai_labelled(fhir_settings):
     b = rb.bundle
     assert b["type"] == "transaction"
     types = [e["resource"]["resourceType"] for e in b["entry"]]
-    for t in (
-        "Patient",
-        "Organization",
-        "Device",
-        "DocumentReference",
-        "Specimen",
-        "Media",
-        "Observation",
-        "DiagnosticReport",
-        "Provenance",
-    ):
+    for t in ("Patient", "Organization", "Device", "DocumentReference", "Specimen", "Media",
+              "Observation", "DiagnosticReport", "Provenance"):
         assert t in types
     assert "ImagingStudy" not in types
     dr = rb.diagnostic_report
     assert dr["status"] == "preliminary"
-    assert dr["identifier"][0] == {
-        "use": "official",
-        "system": "urn:leuk-fhir:report",
-        "value": rb.report_identifier,
-    }
+    assert dr["identifier"][0] == {"use": "official", "system": "urn:leuk-fhir:report", "value": rb.report_identifier}
     assert {c["coding"][0]["code"] for c in dr["category"]} == {"HM", "LAB"}
-    assert dr["code"]["coding"][0] == {
-        "system": "http://loinc.org",
-        "code": "34994-4",
-        "display": "Smear morphology panel - Blood",
-    }
+    assert dr["code"]["coding"][0] == {"system": "http://loinc.org", "code": "34994-4",
+                                       "display": "Smear morphology panel - Blood"}
     assert re.search(r"[+-]\d\d:\d\d$|Z$", dr["issued"]), "issued needs a time zone"
     assert "AI-generated" in dr["conclusion"] and "leuk-hosvd-test" in dr["conclusion"]
     assert dr["conclusionCode"][0]["coding"][0]["code"] == "91857003"
@@ -71,38 +55,21 @@ def test_field_report_has_every_resource_and_is_ai_labelled(fhir_settings):
 
 
 def test_observations_carry_probability_percentage_method_device(fhir_settings):
-    rb = build_report_bundle(
-        make_findings(labels=("blast", "blast", "neutrophil")), fhir_settings, now=NOW
-    )
+    rb = build_report_bundle(make_findings(labels=("blast", "blast", "neutrophil")), fhir_settings, now=NOW)
     obs = resources(rb.bundle, "Observation")
     pct = next(o for o in obs if o["code"]["coding"][0]["code"] == "26446-5")
-    assert pct["valueQuantity"] == {
-        "value": 66.67,
-        "unit": "%",
-        "system": "http://unitsofmeasure.org",
-        "code": "%",
-    }
+    assert pct["valueQuantity"] == {"value": 66.67, "unit": "%", "system": "http://unitsofmeasure.org", "code": "%"}
     assert pct["interpretation"][0]["coding"][0]["code"] == "A"
     cell = next(o for o in obs if o["code"]["coding"][0]["code"] == "5909-7")
     assert cell["valueCodeableConcept"]["coding"][0] == {
-        "system": "http://snomed.info/sct",
-        "code": "15433008",
-        "display": "Lymphoblast",
-    }
-    probs = {
-        c["code"]["coding"][0]["code"]: c["valueQuantity"]["value"]
-        for c in cell["component"]
-        if c["code"]["coding"][0]["code"].startswith("probability-")
-    }
+        "system": "http://snomed.info/sct", "code": "15433008", "display": "Lymphoblast"}
+    probs = {c["code"]["coding"][0]["code"]: c["valueQuantity"]["value"] for c in cell["component"]
+             if c["code"]["coding"][0]["code"].startswith("probability-")}
     assert probs["probability-blast"] == 90.0
-    assert "leuk-hosvd-test" in cell["method"]["text"] and cell["device"]["reference"].startswith(
-        "urn:uuid:"
-    )
+    assert "leuk-hosvd-test" in cell["method"]["text"] and cell["device"]["reference"].startswith("urn:uuid:")
     assert cell["derivedFrom"][0]["reference"]
     counts = next(o for o in obs if o["code"]["coding"][0]["code"] == "cell-counts")
-    by_code = {
-        c["code"]["coding"][0]["code"]: c["valueQuantity"]["value"] for c in counts["component"]
-    }
+    by_code = {c["code"]["coding"][0]["code"]: c["valueQuantity"]["value"] for c in counts["component"]}
     assert by_code["blasts"] == 2 and by_code["cells-classified"] == 3
     device = resources(rb.bundle, "Device")[0]
     assert device["version"][0]["value"] == "1.0.0"
@@ -112,9 +79,7 @@ def test_observations_carry_probability_percentage_method_device(fhir_settings):
 def test_identifiers_are_stable_and_change_with_the_model(fhir_settings):
     a = build_report_bundle(make_findings(), fhir_settings, now=NOW, include_pdf=False)
     b = build_report_bundle(make_findings(), fhir_settings, now=NOW, include_pdf=False)
-    c = build_report_bundle(
-        make_findings(version="2.0.0"), fhir_settings, now=NOW, include_pdf=False
-    )
+    c = build_report_bundle(make_findings(version="2.0.0"), fhir_settings, now=NOW, include_pdf=False)
     assert a.bundle == b.bundle
     assert a.report_identifier != c.report_identifier
     f = make_findings()
@@ -123,9 +88,7 @@ def test_identifiers_are_stable_and_change_with_the_model(fhir_settings):
 
 def test_one_request_per_match_url_and_no_numeric_ids(fhir_settings):
     rb = build_report_bundle(make_findings(labels=("blast",) * 3), fhir_settings, now=NOW)
-    matches = [
-        f"{e['request']['url']}?{e['request'].get('ifNoneExist', '')}" for e in rb.bundle["entry"]
-    ]
+    matches = [f'{e["request"]["url"]}?{e["request"].get("ifNoneExist", "")}' for e in rb.bundle["entry"]]
     assert len(matches) == len(set(matches))
     for e in rb.bundle["entry"]:
         rid = e["resource"].get("id")
@@ -137,48 +100,30 @@ def test_one_request_per_match_url_and_no_numeric_ids(fhir_settings):
 def test_dicom_input_gives_imaging_study(fhir_settings):
     rb = build_report_bundle(make_findings(dicom=True), fhir_settings, now=NOW, include_pdf=False)
     study = resources(rb.bundle, "ImagingStudy")[0]
-    assert study["identifier"][0] == {
-        "system": "urn:dicom:uid",
-        "value": "urn:oid:1.2.826.0.1.3680043.8.498.1",
-    }
-    assert (
-        study["series"][0]["instance"][0]["sopClass"]["code"]
-        == "urn:oid:1.2.840.10008.5.1.4.1.1.77.1.2"
-    )
+    assert study["identifier"][0] == {"system": "urn:dicom:uid", "value": "urn:oid:1.2.826.0.1.3680043.8.498.1"}
+    assert study["series"][0]["instance"][0]["sopClass"]["code"] == "urn:oid:1.2.840.10008.5.1.4.1.1.77.1.2"
     assert not resources(rb.bundle, "Media")
     assert rb.diagnostic_report["imagingStudy"]
 
 
 def test_indeterminate_has_no_conclusion_code_and_says_why(fhir_settings):
-    rb = build_report_bundle(
-        make_findings(labels=("indeterminate",)), fhir_settings, now=NOW, include_pdf=False
-    )
+    rb = build_report_bundle(make_findings(labels=("indeterminate",)), fhir_settings, now=NOW, include_pdf=False)
     dr = rb.diagnostic_report
     assert "conclusionCode" not in dr
     assert "Indeterminate" in dr["conclusion"] and "residual above threshold" in dr["conclusion"]
-    pct = next(
-        o
-        for o in resources(rb.bundle, "Observation")
-        if o["code"]["coding"][0]["code"] == "26446-5"
-    )
+    pct = next(o for o in resources(rb.bundle, "Observation") if o["code"]["coding"][0]["code"] == "26446-5")
     assert pct["dataAbsentReason"]["coding"][0]["code"] == "not-performed"
 
 
 def test_no_blasts_gives_no_abnormality_code(fhir_settings):
-    rb = build_report_bundle(
-        make_findings(labels=("lymphocyte",), scope=Scope.CELL),
-        fhir_settings,
-        now=NOW,
-        include_pdf=False,
-    )
+    rb = build_report_bundle(make_findings(labels=("lymphocyte",), scope=Scope.CELL), fhir_settings, now=NOW,
+                             include_pdf=False)
     assert rb.diagnostic_report["conclusionCode"][0]["coding"][0]["code"] == "281900007"
     assert len(rb.diagnostic_report["result"]) == 1  # one per-image classification
 
 
 def test_unidentified_patient_gets_a_source_derived_identifier(fhir_settings):
-    rb = build_report_bundle(
-        make_findings(patient_id=None), fhir_settings, now=NOW, include_pdf=False
-    )
+    rb = build_report_bundle(make_findings(patient_id=None), fhir_settings, now=NOW, include_pdf=False)
     pat = resources(rb.bundle, "Patient")[0]
     assert pat["identifier"][0]["value"].startswith("unidentified-")
 
@@ -189,12 +134,8 @@ def test_bad_input_raises_precise_errors(fhir_settings):
     import dataclasses
 
     f = make_findings()
-    bad_sex = dataclasses.replace(
-        f,
-        acquisition=dataclasses.replace(
-            f.acquisition, patient=dataclasses.replace(f.acquisition.patient, sex="X?")
-        ),
-    )
+    bad_sex = dataclasses.replace(f, acquisition=dataclasses.replace(
+        f.acquisition, patient=dataclasses.replace(f.acquisition.patient, sex="X?")))
     with pytest.raises(FhirMappingError, match="sex"):
         build_report_bundle(bad_sex, fhir_settings)
     no_sha = dataclasses.replace(f, model=dataclasses.replace(f.model, sha256=""))
@@ -205,48 +146,29 @@ def test_bad_input_raises_precise_errors(fhir_settings):
 def test_signoff_turns_report_final_with_practitioner_provenance(fhir_settings):
     f = make_findings()
     rb = build_report_bundle(f, fhir_settings, now=NOW)
-    s = build_signoff_bundle(
-        rb,
-        practitioner_identifier="dr-42",
-        practitioner_name="Dr Ada Smith",
-        signed_at=NOW,
-        findings=f,
-    )
+    s = build_signoff_bundle(rb, practitioner_identifier="dr-42", practitioner_name="Dr Ada Smith",
+                             signed_at=NOW, findings=f)
     dr_entry = next(e for e in s["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
-    assert dr_entry["request"] == {
-        "method": "PUT",
-        "url": f"DiagnosticReport?identifier=urn:leuk-fhir:report|{rb.report_identifier}",
-    }
+    assert dr_entry["request"] == {"method": "PUT",
+                                   "url": f"DiagnosticReport?identifier=urn:leuk-fhir:report|{rb.report_identifier}"}
     assert dr_entry["resource"]["status"] == "final"
     assert "signed off by Dr Ada Smith" in dr_entry["resource"]["conclusion"]
     assert all(r["status"] == "final" for r in resources(s, "Observation"))
-    prov = [
-        p
-        for p in resources(s, "Provenance")
-        if p["agent"][0]["type"]["coding"][0]["code"] == "attester"
-    ]
+    prov = [p for p in resources(s, "Provenance") if p["agent"][0]["type"]["coding"][0]["code"] == "attester"]
     assert len(prov) == 1 and prov[0]["target"][0]["reference"] == dr_entry["fullUrl"]
     assert resources(s, "Practitioner")[0]["identifier"][0]["value"] == "dr-42"
     with pytest.raises(FhirMappingError):
         build_signoff_bundle(rb, practitioner_identifier="")
     # idempotent: the same sign-off twice is the same Bundle
-    assert s == build_signoff_bundle(
-        rb,
-        practitioner_identifier="dr-42",
-        practitioner_name="Dr Ada Smith",
-        signed_at=NOW,
-        findings=f,
-    )
+    assert s == build_signoff_bundle(rb, practitioner_identifier="dr-42", practitioner_name="Dr Ada Smith",
+                                     signed_at=NOW, findings=f)
 
 
 def test_communication_alert_is_about_the_report(fhir_settings):
     rb = build_report_bundle(make_findings(), fhir_settings, now=NOW, include_pdf=False)
     c = build_communication_bundle(rb, fhir_settings, recipient="CareTeam/haem-oncall", now=NOW)
     comm = c["entry"][0]["resource"]
-    assert (
-        comm["about"][0]["reference"]
-        == f"DiagnosticReport?identifier=urn:leuk-fhir:report|{rb.report_identifier}"
-    )
+    assert comm["about"][0]["reference"] == f"DiagnosticReport?identifier=urn:leuk-fhir:report|{rb.report_identifier}"
     assert comm["recipient"][0]["reference"] == "CareTeam/haem-oncall"
     assert comm["meta"]["security"][0]["code"] == "AIAST"
     assert "blasts detected" in comm["payload"][0]["contentString"]

@@ -97,13 +97,8 @@ def proxy():
 
 
 def sender_for(ob: Outbox, base: str, **kw) -> OutboxSender:
-    settings = OutboxSettings(
-        max_attempts=kw.pop("max_attempts", 5),
-        backoff_initial_s=0.01,
-        backoff_max_s=0.05,
-        poll_interval_s=0.01,
-        lease_s=5,
-    )
+    settings = OutboxSettings(max_attempts=kw.pop("max_attempts", 5), backoff_initial_s=0.01,
+                              backoff_max_s=0.05, poll_interval_s=0.01, lease_s=5)
     return OutboxSender(ob, EhrClient(base, timeout_s=kw.pop("timeout_s", 5)), settings)
 
 
@@ -111,13 +106,8 @@ def test_transient_failures_stay_pending(tmp_path, proxy):
     with Outbox(tmp_path / "o.sqlite") as ob:
         ob.enqueue("k", BUNDLE)
         sender = sender_for(ob, proxy.base_url, max_attempts=6)
-        proxy.inject(
-            Fault("status", 500),
-            Fault("html-502"),
-            Fault("html-200"),
-            Fault("status", 429, retry_after="0"),
-            Fault("status", 503),
-        )
+        proxy.inject(Fault("status", 500), Fault("html-502"), Fault("html-200"),
+                     Fault("status", 429, retry_after="0"), Fault("status", 503))
         errors = []
         for _ in range(5):
             d = sender.send_one()
@@ -142,12 +132,8 @@ def test_retry_after_is_honoured(tmp_path, proxy):
 
 
 def test_unfixable_4xx_goes_to_dead_letters_with_operation_outcome(tmp_path, proxy):
-    outcome = {
-        "resourceType": "OperationOutcome",
-        "issue": [
-            {"severity": "error", "code": "processing", "diagnostics": "HAPI-0450: Failed to parse"}
-        ],
-    }
+    outcome = {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "processing", "diagnostics": "HAPI-0450: Failed to parse"}]}
     with Outbox(tmp_path / "o.sqlite") as ob:
         did = ob.enqueue("k", BUNDLE)
         proxy.inject(Fault("status", 400, outcome=outcome))
@@ -168,9 +154,7 @@ def test_unreachable_server_until_attempts_run_out(tmp_path):
         stats = sender.drain(timeout_s=10)
         d = ob.get(did)
         assert d.status is DeliveryStatus.DEAD and d.attempts == 3
-        assert "gave up after 3 attempts" in (d.last_error or "") and "unreachable" in (
-            d.last_error or ""
-        )
+        assert "gave up after 3 attempts" in (d.last_error or "") and "unreachable" in (d.last_error or "")
         assert stats["dead"] == 1 and stats["pending"] == 0
 
 

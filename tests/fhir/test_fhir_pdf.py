@@ -27,41 +27,19 @@ def test_pdf_shows_findings_model_and_disclaimer(fhir_settings, artifacts_dir):
     (artifacts_dir / "report-field.pdf").write_bytes(rb.pdf)
     (artifacts_dir / "report-field.html").write_text(rb.html, encoding="utf-8")
     text = " ".join(pdf_text(rb.pdf).split())
-    for expected in (
-        "AI-generated",
-        "artificial intelligence",
-        "Jane Doe",
-        "MRN-0001",
-        "SP-0",
-        "May-Grunwald-Giemsa",
-        "Lymphoblast",
-        "Lymphocyte",
-        "indeterminate",
-        "Blast percentage",
-        "50.0% of 2 classified cells",
-        "leuk-hosvd-test",
-        "1.0.0",
-        "accuracy_mean 0.97",
-        "Preliminary: not yet reviewed",
-        rb.report_identifier,
-    ):
+    for expected in ("AI-generated", "artificial intelligence", "Jane Doe", "MRN-0001", "SP-0",
+                     "May-Grunwald-Giemsa", "Lymphoblast", "Lymphocyte", "indeterminate",
+                     "Blast percentage", "50.0% of 2 classified cells", "leuk-hosvd-test", "1.0.0",
+                     "accuracy_mean 0.97", "Preliminary: not yet reviewed", rb.report_identifier):
         assert expected in text, expected
     reader = PdfReader(io.BytesIO(rb.pdf))
     assert sum(len(p.images) for p in reader.pages) == 1
     assert len(rb.pdf) < 150_000
     # the same content as HTML
-    for expected in (
-        "AI-generated",
-        "MRN-0001",
-        "Lymphoblast",
-        "leuk-hosvd-test",
-        "data:image/jpeg;base64,",
-    ):
+    for expected in ("AI-generated", "MRN-0001", "Lymphoblast", "leuk-hosvd-test", "data:image/jpeg;base64,"):
         assert expected in rb.html
     # the attachment in the DiagnosticReport is exactly this PDF
-    form = next(
-        p for p in rb.diagnostic_report["presentedForm"] if p["contentType"] == "application/pdf"
-    )
+    form = next(p for p in rb.diagnostic_report["presentedForm"] if p["contentType"] == "application/pdf")
     assert base64.b64decode(form["data"]) == rb.pdf
     assert form["hash"] == base64.b64encode(hashlib.sha1(rb.pdf).digest()).decode()
     assert form["size"] == len(rb.pdf)
@@ -76,9 +54,7 @@ def test_large_image_is_downscaled(fhir_settings):
 
     f = make_findings()
     big = np.full((3000, 4000, 3), 200, np.uint8)
-    f = dataclasses.replace(
-        f, acquisition=dataclasses.replace(f.acquisition, pixels=ArrayPixelSource(big))
-    )
+    f = dataclasses.replace(f, acquisition=dataclasses.replace(f.acquisition, pixels=ArrayPixelSource(big)))
     rb = build_report_bundle(f, fhir_settings, now=NOW)
     assert rb.pdf is not None and len(rb.pdf) < 150_000
 
@@ -86,19 +62,10 @@ def test_large_image_is_downscaled(fhir_settings):
 def test_signed_off_pdf_says_final(fhir_settings, artifacts_dir):
     f = make_findings()
     rb = build_report_bundle(f, fhir_settings, now=NOW)
-    s = build_signoff_bundle(
-        rb,
-        practitioner_identifier="dr-42",
-        practitioner_name="Dr Ada Smith",
-        signed_at=NOW,
-        findings=f,
-    )
-    dr = next(
-        e["resource"] for e in s["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"
-    )
-    pdf = base64.b64decode(
-        next(p for p in dr["presentedForm"] if p["contentType"] == "application/pdf")["data"]
-    )
+    s = build_signoff_bundle(rb, practitioner_identifier="dr-42", practitioner_name="Dr Ada Smith",
+                             signed_at=NOW, findings=f)
+    dr = next(e["resource"] for e in s["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
+    pdf = base64.b64decode(next(p for p in dr["presentedForm"] if p["contentType"] == "application/pdf")["data"])
     (artifacts_dir / "report-signed-off.pdf").write_bytes(pdf)
     text = " ".join(pdf_text(pdf).split())
     assert "Final: signed off by Dr Ada Smith" in text

@@ -26,18 +26,9 @@ HEADERS = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}
 SEARCH_HEADERS = {"Accept": FHIR_JSON, "Cache-Control": "no-cache"}
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
-RESOURCE_TYPES_WE_WRITE = (
-    "DiagnosticReport",
-    "Observation",
-    "Patient",
-    "Specimen",
-    "ImagingStudy",
-    "Media",
-    "Device",
-    "Provenance",
-    "Communication",
-    "Organization",
-)
+RESOURCE_TYPES_WE_WRITE = ("DiagnosticReport", "Observation", "Patient", "Specimen",
+                           "ImagingStudy", "Media", "Device", "Provenance", "Communication",
+                           "Organization")
 
 
 def blast_observation(ns: FhirTestNamespace, key: str, **changes: Any) -> dict[str, Any]:
@@ -46,11 +37,8 @@ def blast_observation(ns: FhirTestNamespace, key: str, **changes: Any) -> dict[s
         "resourceType": "Observation",
         "identifier": [ns.identifier(key)],
         "status": "preliminary",
-        "code": {
-            "coding": [
-                {"system": LOINC, "code": "26446-5", "display": "Blasts/100 leukocytes in Blood"}
-            ]
-        },
+        "code": {"coding": [{"system": LOINC, "code": "26446-5",
+                             "display": "Blasts/100 leukocytes in Blood"}]},
         "effectiveDateTime": "2026-01-15T09:30:00+00:00",
         "valueQuantity": {"value": 12.5, "unit": "%", "system": UCUM, "code": "%"},
     }
@@ -64,9 +52,8 @@ def issues(outcome: dict[str, Any], *severities: str) -> list[dict[str, Any]]:
 
 
 def search(base: str, resource_type: str, **params: str) -> dict[str, Any]:
-    response = requests.get(
-        f"{base}/{resource_type}", params=params, headers=SEARCH_HEADERS, timeout=60
-    )
+    response = requests.get(f"{base}/{resource_type}", params=params, headers=SEARCH_HEADERS,
+                            timeout=60)
     assert response.status_code == 200, response.text
     bundle: dict[str, Any] = response.json()
     return bundle
@@ -87,11 +74,11 @@ def test_metadata_is_hapi_fhir_r4_serving_our_resource_types(fhir_base: str) -> 
 
 
 def test_observation_without_status_is_rejected_with_operation_outcome(
-    fhir_base: str, fhir_namespace: FhirTestNamespace
-) -> None:
+        fhir_base: str, fhir_namespace: FhirTestNamespace) -> None:
     invalid = blast_observation(fhir_namespace, "no-status")
     del invalid["status"]
-    response = requests.post(f"{fhir_base}/Observation", json=invalid, headers=HEADERS, timeout=60)
+    response = requests.post(f"{fhir_base}/Observation", json=invalid, headers=HEADERS,
+                             timeout=60)
     assert 400 <= response.status_code < 500
     errors = issues(response.json(), "error", "fatal")
     assert any("Observation.status" in e.get("diagnostics", "") for e in errors), errors
@@ -100,10 +87,10 @@ def test_observation_without_status_is_rejected_with_operation_outcome(
 
 
 def test_observation_with_invalid_status_code_is_rejected(
-    fhir_base: str, fhir_namespace: FhirTestNamespace
-) -> None:
+        fhir_base: str, fhir_namespace: FhirTestNamespace) -> None:
     invalid = blast_observation(fhir_namespace, "bad-status", status="done")
-    response = requests.post(f"{fhir_base}/Observation", json=invalid, headers=HEADERS, timeout=60)
+    response = requests.post(f"{fhir_base}/Observation", json=invalid, headers=HEADERS,
+                             timeout=60)
     assert 400 <= response.status_code < 500
     assert issues(response.json(), "error", "fatal")
 
@@ -112,35 +99,19 @@ def transaction_bundle(ns: FhirTestNamespace, key: str) -> dict[str, Any]:
     """Patient + Observation, both conditional creates, linked by a `urn:uuid` reference."""
     patient_url = f"urn:uuid:{uuid.uuid4()}"
     observation_url = f"urn:uuid:{uuid.uuid4()}"
-    patient = {
-        "resourceType": "Patient",
-        "identifier": [ns.identifier(f"{key}-patient")],
-        "name": [{"family": "Testpatient", "given": ["Ada"]}],
-        "gender": "female",
-    }
+    patient = {"resourceType": "Patient", "identifier": [ns.identifier(f"{key}-patient")],
+               "name": [{"family": "Testpatient", "given": ["Ada"]}], "gender": "female"}
     observation = blast_observation(ns, f"{key}-obs", subject={"reference": patient_url})
     return {
         "resourceType": "Bundle",
         "type": "transaction",
         "entry": [
-            {
-                "fullUrl": patient_url,
-                "resource": patient,
-                "request": {
-                    "method": "POST",
-                    "url": "Patient",
-                    "ifNoneExist": f"identifier={ns.token(key + '-patient')}",
-                },
-            },
-            {
-                "fullUrl": observation_url,
-                "resource": observation,
-                "request": {
-                    "method": "POST",
-                    "url": "Observation",
-                    "ifNoneExist": f"identifier={ns.token(key + '-obs')}",
-                },
-            },
+            {"fullUrl": patient_url, "resource": patient,
+             "request": {"method": "POST", "url": "Patient",
+                         "ifNoneExist": f"identifier={ns.token(key + '-patient')}"}},
+            {"fullUrl": observation_url, "resource": observation,
+             "request": {"method": "POST", "url": "Observation",
+                         "ifNoneExist": f"identifier={ns.token(key + '-obs')}"}},
         ],
     }
 
@@ -154,8 +125,7 @@ def post_transaction(base: str, bundle: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_transaction_conditional_create_creates_once_then_matches(
-    fhir_base: str, fhir_namespace: FhirTestNamespace
-) -> None:
+        fhir_base: str, fhir_namespace: FhirTestNamespace) -> None:
     first = post_transaction(fhir_base, transaction_bundle(fhir_namespace, "tx"))
     assert [e["response"]["status"][:3] for e in first["entry"]] == ["201", "201"]
     patient_id = first["entry"][0]["response"]["location"].split("/_history")[0]
@@ -175,24 +145,15 @@ def test_transaction_conditional_create_creates_once_then_matches(
 
 
 def test_transaction_conditional_update_creates_then_updates(
-    fhir_base: str, fhir_namespace: FhirTestNamespace
-) -> None:
+        fhir_base: str, fhir_namespace: FhirTestNamespace) -> None:
     match = f"Observation?identifier={fhir_namespace.token('cu')}"
 
     def bundle(value: float) -> dict[str, Any]:
         observation = blast_observation(fhir_namespace, "cu")
         observation["valueQuantity"]["value"] = value
-        return {
-            "resourceType": "Bundle",
-            "type": "transaction",
-            "entry": [
-                {
-                    "fullUrl": f"urn:uuid:{uuid.uuid4()}",
-                    "resource": observation,
-                    "request": {"method": "PUT", "url": match},
-                }
-            ],
-        }
+        return {"resourceType": "Bundle", "type": "transaction",
+                "entry": [{"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": observation,
+                           "request": {"method": "PUT", "url": match}}]}
 
     created = post_transaction(fhir_base, bundle(12.5))["entry"][0]["response"]
     updated = post_transaction(fhir_base, bundle(31.0))["entry"][0]["response"]
@@ -206,42 +167,34 @@ def test_transaction_conditional_update_creates_then_updates(
 
 
 def test_search_by_identifier_finds_exactly_the_matching_resource(
-    fhir_base: str, fhir_namespace: FhirTestNamespace
-) -> None:
+        fhir_base: str, fhir_namespace: FhirTestNamespace) -> None:
     for key in ("search-a", "search-b"):
-        response = requests.post(
-            f"{fhir_base}/Observation",
-            json=blast_observation(fhir_namespace, key),
-            headers=HEADERS,
-            timeout=60,
-        )
+        response = requests.post(f"{fhir_base}/Observation",
+                                 json=blast_observation(fhir_namespace, key), headers=HEADERS,
+                                 timeout=60)
         assert response.status_code == 201, response.text
     found = search(fhir_base, "Observation", identifier=fhir_namespace.token("search-b"))
     assert found["total"] == 1
     assert found["entry"][0]["resource"]["identifier"] == [fhir_namespace.identifier("search-b")]
-    assert (
-        search(fhir_base, "Observation", identifier=fhir_namespace.token("search-c"))["total"] == 0
-    )
+    assert search(fhir_base, "Observation",
+                  identifier=fhir_namespace.token("search-c"))["total"] == 0
 
 
 def validate(base: str, resource: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    response = requests.post(
-        f"{base}/{resource['resourceType']}/$validate", json=resource, headers=HEADERS, timeout=120
-    )
+    response = requests.post(f"{base}/{resource['resourceType']}/$validate", json=resource,
+                             headers=HEADERS, timeout=120)
     return response.status_code, response.json()
 
 
 def test_validate_passes_a_valid_resource(
-    fhir_base: str, fhir_namespace: FhirTestNamespace
-) -> None:
+        fhir_base: str, fhir_namespace: FhirTestNamespace) -> None:
     status, outcome = validate(fhir_base, blast_observation(fhir_namespace, "valid"))
     assert status == 200
     assert issues(outcome, "error", "fatal") == []
 
 
 def test_validate_reports_errors_for_an_invalid_resource(
-    fhir_base: str, fhir_namespace: FhirTestNamespace
-) -> None:
+        fhir_base: str, fhir_namespace: FhirTestNamespace) -> None:
     invalid = blast_observation(fhir_namespace, "invalid")
     del invalid["status"]
     invalid["valueString"] = "both value[x] types"  # a second choice type: also invalid
@@ -251,82 +204,65 @@ def test_validate_reports_errors_for_an_invalid_resource(
 
 
 def test_unknown_loinc_code_is_accepted_with_a_warning_at_most(
-    fhir_base: str, fhir_namespace: FhirTestNamespace
-) -> None:
+        fhir_base: str, fhir_namespace: FhirTestNamespace) -> None:
     observation = blast_observation(fhir_namespace, "unknown-loinc")
-    observation["code"] = {
-        "coding": [{"system": LOINC, "code": "99999-9", "display": "Not a real LOINC code"}]
-    }
+    observation["code"] = {"coding": [{"system": LOINC, "code": "99999-9",
+                                       "display": "Not a real LOINC code"}]}
     status, outcome = validate(fhir_base, observation)
     assert status == 200
     assert issues(outcome, "error", "fatal") == []
-    assert any(LOINC in i.get("diagnostics", "") for i in issues(outcome, "warning", "information"))
-    created = requests.post(
-        f"{fhir_base}/Observation", json=observation, headers=HEADERS, timeout=60
-    )
+    assert any(LOINC in i.get("diagnostics", "") for i in issues(outcome, "warning",
+                                                                  "information"))
+    created = requests.post(f"{fhir_base}/Observation", json=observation, headers=HEADERS,
+                            timeout=60)
     assert created.status_code == 201, created.text
 
 
-def test_snomed_problems_only_warn(fhir_base: str, fhir_namespace: FhirTestNamespace) -> None:
+def test_snomed_problems_only_warn(
+        fhir_base: str, fhir_namespace: FhirTestNamespace) -> None:
     observation = blast_observation(
-        fhir_namespace,
-        "snomed",
-        method={
-            "coding": [
-                {
-                    "system": "http://snomed.info/sct",
-                    "code": "1",
-                    "display": "Not a SNOMED CT concept",
-                }
-            ]
-        },
-    )
+        fhir_namespace, "snomed",
+        method={"coding": [{"system": "http://snomed.info/sct", "code": "1",
+                            "display": "Not a SNOMED CT concept"}]})
     status, outcome = validate(fhir_base, observation)
     assert status == 200
     assert issues(outcome, "error", "fatal") == []
-    created = requests.post(
-        f"{fhir_base}/Observation", json=observation, headers=HEADERS, timeout=60
-    )
+    created = requests.post(f"{fhir_base}/Observation", json=observation, headers=HEADERS,
+                            timeout=60)
     assert created.status_code == 201, created.text
 
 
-def test_invalid_ucum_unit_is_an_error(fhir_base: str, fhir_namespace: FhirTestNamespace) -> None:
+def test_invalid_ucum_unit_is_an_error(
+        fhir_base: str, fhir_namespace: FhirTestNamespace) -> None:
     """HAPI checks UCUM offline, so a bad unit must stay an error (no leniency for UCUM)."""
     observation = blast_observation(
-        fhir_namespace,
-        "ucum",
-        valueQuantity={"value": 1, "unit": "?", "system": UCUM, "code": "not-a-ucum-unit"},
-    )
+        fhir_namespace, "ucum",
+        valueQuantity={"value": 1, "unit": "?", "system": UCUM, "code": "not-a-ucum-unit"})
     status, outcome = validate(fhir_base, observation)
     assert status == 422
-    assert any(
-        "not-a-ucum-unit" in i.get("diagnostics", "") for i in issues(outcome, "error", "fatal")
-    )
+    assert any("not-a-ucum-unit" in i.get("diagnostics", "")
+               for i in issues(outcome, "error", "fatal"))
 
 
 def test_ai_security_label_is_known_but_other_terminology_is_still_checked(
-    fhir_base: str, fhir_namespace: FhirTestNamespace
-) -> None:
+        fhir_base: str, fhir_namespace: FhirTestNamespace) -> None:
     label_system = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
-    labelled = blast_observation(
-        fhir_namespace, "aiast", meta={"security": [{"system": label_system, "code": "AIAST"}]}
-    )
-    created = requests.post(f"{fhir_base}/Observation", json=labelled, headers=HEADERS, timeout=60)
+    labelled = blast_observation(fhir_namespace, "aiast",
+                                 meta={"security": [{"system": label_system, "code": "AIAST"}]})
+    created = requests.post(f"{fhir_base}/Observation", json=labelled, headers=HEADERS,
+                            timeout=60)
     assert created.status_code == 201, created.text
 
-    bogus = blast_observation(
-        fhir_namespace,
-        "bogus-label",
-        meta={"security": [{"system": label_system, "code": "NOT-A-CODE"}]},
-    )
+    bogus = blast_observation(fhir_namespace, "bogus-label",
+                              meta={"security": [{"system": label_system, "code": "NOT-A-CODE"}]})
     rejected = requests.post(f"{fhir_base}/Observation", json=bogus, headers=HEADERS, timeout=60)
     assert 400 <= rejected.status_code < 500
-    assert any("NOT-A-CODE" in i.get("diagnostics", "") for i in issues(rejected.json(), "error"))
+    assert any("NOT-A-CODE" in i.get("diagnostics", "")
+               for i in issues(rejected.json(), "error"))
 
 
 def test_expunge_removes_the_namespace_for_good(
-    fhir_base: str, fhir_namespace: FhirTestNamespace
-) -> None:
+        fhir_base: str, fhir_namespace: FhirTestNamespace) -> None:
     created = post_transaction(fhir_base, transaction_bundle(fhir_namespace, "gone"))
     locations = [e["response"]["location"].split("/_history")[0] for e in created["entry"]]
 

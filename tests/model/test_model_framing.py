@@ -29,9 +29,7 @@ RED_CELL = (214, 150, 160)  # pink: blue below green + 40, so never a nucleus
 NUCLEUS = (96, 52, 150)  # blue-violet
 
 
-def smear(
-    side: int, nucleus_radius: float, centre: tuple[float, float] | None = None
-) -> np.ndarray:
+def smear(side: int, nucleus_radius: float, centre: tuple[float, float] | None = None) -> np.ndarray:
     """A square field: plasma, two red cells, and a stained nucleus disc (radius in pixels)."""
     yy, xx = np.mgrid[:side, :side]
     image = np.empty((side, side, 3), np.uint8)

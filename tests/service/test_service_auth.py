@@ -19,26 +19,15 @@ def png_bytes() -> bytes:
     Image.fromarray(generate_cell("normal", 1)).save(out, format="PNG")
     return out.getvalue()
 
-
-PUBLIC_PATHS = [
-    "/healthz",
-    "/readyz",
-    "/metrics",
-    "/openapi.json",
-    "/",
-    "/static/app.js",
-    "/v1/model",
-]
+PUBLIC_PATHS = ["/healthz", "/readyz", "/metrics", "/openapi.json", "/", "/static/app.js", "/v1/model"]
 
 
 @pytest.fixture
 def secured(make_app, settings):
     app = make_app(settings_=settings.replace(service__require_auth=True))
     store = app.extensions["leuk_fhir"].store
-    tokens = {
-        role: store.create_token(name=f"{role} one", role=role)[1]
-        for role in ("device", "clinician", "admin")
-    }
+    tokens = {role: store.create_token(name=f"{role} one", role=role)[1]
+              for role in ("device", "clinician", "admin")}
     return app, tokens
 
 
@@ -48,11 +37,8 @@ def _auth(token: str) -> dict[str, str]:
 
 def _submit(client, token: str | None = None):
     headers = _auth(token) if token else {}
-    return client.post(
-        "/v1/analyses",
-        headers=headers,
-        data={"image": (__import__("io").BytesIO(png_bytes()), "cell.png")},
-    )
+    return client.post("/v1/analyses", headers=headers,
+                       data={"image": (__import__("io").BytesIO(png_bytes()), "cell.png")})
 
 
 def test_public_endpoints_need_no_token(secured) -> None:
@@ -62,21 +48,12 @@ def test_public_endpoints_need_no_token(secured) -> None:
         assert client.get(path).status_code in (200, 503), path  # readyz: 503 until started
 
 
-@pytest.mark.parametrize(
-    "method,path",
-    [
-        ("get", "/v1/analyses"),
-        ("get", "/v1/analyses/an-x"),
-        ("get", "/v1/analyses/an-x/fhir"),
-        ("post", "/v1/analyses"),
-        ("post", "/v1/analyses/an-x/sign-off"),
-        ("get", "/v1/deliveries"),
-        ("post", "/v1/deliveries/1/retry"),
-        ("post", "/dicomweb/studies"),
-        ("get", "/v1/events"),
-        ("get", "/v1/analyses/an-x/image"),
-    ],
-)
+@pytest.mark.parametrize("method,path", [
+    ("get", "/v1/analyses"), ("get", "/v1/analyses/an-x"), ("get", "/v1/analyses/an-x/fhir"),
+    ("post", "/v1/analyses"), ("post", "/v1/analyses/an-x/sign-off"), ("get", "/v1/deliveries"),
+    ("post", "/v1/deliveries/1/retry"), ("post", "/dicomweb/studies"), ("get", "/v1/events"),
+    ("get", "/v1/analyses/an-x/image"),
+])
 def test_protected_endpoints_answer_401_without_a_valid_token(secured, method, path) -> None:
     app, _ = secured
     client = app.test_client()
@@ -95,10 +72,7 @@ def test_roles(secured) -> None:
     assert accepted.status_code == 202
     analysis_id = accepted.get_json()["id"]
     assert client.get("/v1/analyses", headers=_auth(tokens["device"])).status_code == 403
-    assert (
-        client.get(f"/v1/analyses/{analysis_id}", headers=_auth(tokens["device"])).status_code
-        == 403
-    )
+    assert client.get(f"/v1/analyses/{analysis_id}", headers=_auth(tokens["device"])).status_code == 403
     denied = client.post(f"/v1/analyses/{analysis_id}/sign-off", headers=_auth(tokens["device"]))
     assert denied.status_code == 403
     assert denied.get_json()["type"].endswith("access-denied")
@@ -107,18 +81,11 @@ def test_roles(secured) -> None:
     listing = client.get("/v1/analyses", headers=_auth(tokens["clinician"]))
     assert listing.status_code == 200
     assert [a["id"] for a in listing.get_json()["analyses"]] == [analysis_id]
-    assert (
-        client.get(f"/v1/analyses/{analysis_id}", headers=_auth(tokens["clinician"])).status_code
-        == 200
-    )
-    conflict = client.post(
-        f"/v1/analyses/{analysis_id}/sign-off", headers=_auth(tokens["clinician"])
-    )
+    assert client.get(f"/v1/analyses/{analysis_id}", headers=_auth(tokens["clinician"])).status_code == 200
+    conflict = client.post(f"/v1/analyses/{analysis_id}/sign-off", headers=_auth(tokens["clinician"]))
     assert conflict.status_code == 409
     assert client.get("/v1/deliveries", headers=_auth(tokens["clinician"])).status_code == 200
-    assert (
-        client.post("/v1/deliveries/1/retry", headers=_auth(tokens["clinician"])).status_code == 403
-    )
+    assert client.post("/v1/deliveries/1/retry", headers=_auth(tokens["clinician"])).status_code == 403
     # admin does everything
     assert _submit(client, tokens["admin"]).status_code == 202
     assert client.get("/v1/analyses", headers=_auth(tokens["admin"])).status_code == 200
@@ -145,8 +112,7 @@ def test_tokens_are_stored_hashed_and_can_be_revoked(secured) -> None:
     app, tokens = secured
     store = app.extensions["leuk_fhir"].store
     raw = store.path.read_bytes() + b"".join(
-        p.read_bytes() for p in store.path.parent.glob("service.sqlite3*")
-    )
+        p.read_bytes() for p in store.path.parent.glob("service.sqlite3*"))
     for clear in tokens.values():
         assert clear.encode() not in raw
     with sqlite3.connect(store.path) as db:

@@ -44,15 +44,8 @@ def _ready(client, timeout_s: float = 120) -> None:
         time.sleep(0.1)
 
 
-BCCD_FIELD = (
-    Path(__file__).resolve().parents[2].parent
-    / "shared"
-    / "datasets"
-    / "bccd"
-    / "BCCD"
-    / "JPEGImages"
-    / "BloodImage_00000.jpg"
-)
+BCCD_FIELD = (Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "bccd" / "BCCD"
+              / "JPEGImages" / "BloodImage_00000.jpg")
 
 
 def _field_image() -> bytes:
@@ -92,10 +85,7 @@ def test_list_detail_alert_and_sign_off(make_app, live_server, browser, cell_png
     assert "Blasts detected" in page.inner_text(".alert")
     page.wait_for_selector("tr.row.blasts", timeout=10_000)
     _until(page, "document.querySelectorAll('tr.row').length >= 2")
-    _until(
-        page,
-        "[...document.querySelectorAll('tr.row')].every(r => !/queued|running/.test(r.innerText))",
-    )
+    _until(page, "[...document.querySelectorAll('tr.row')].every(r => !/queued|running/.test(r.innerText))")
     page.screenshot(path=str(ARTIFACTS / "list.png"), full_page=True)
     assert page.is_visible("#demo-banner")
 
@@ -130,12 +120,9 @@ def test_list_detail_alert_and_sign_off(make_app, live_server, browser, cell_png
     field_id = field.get_json()["id"]
     page.goto(f"{server.url}/#/analyses/{field_id}")
     _until(page, f"document.getElementById('detail-title').innerText.includes('{field_id}')")
-    _until(
-        page,
-        "document.querySelectorAll('#cell-rows tr').length > 0 && "
-        "document.querySelectorAll('#overlay rect.cell-box').length === "
-        "document.querySelectorAll('#cell-rows tr').length",
-    )
+    _until(page, "document.querySelectorAll('#cell-rows tr').length > 0 && "
+                 "document.querySelectorAll('#overlay rect.cell-box').length === "
+                 "document.querySelectorAll('#cell-rows tr').length")
     page.screenshot(path=str(ARTIFACTS / "detail-field.png"), full_page=True)
     assert not [e for e in console_errors if "favicon" not in e], console_errors
 

@@ -20,10 +20,7 @@ from leuk_fhir.service.store import ServiceStore
 
 def test_token_create_list_revoke(tmp_path: Path, capsys) -> None:
     data = tmp_path / "data"
-    assert (
-        main(["token", "create", "--role", "clinician", "--name", "Dr X", "--data-dir", str(data)])
-        == 0
-    )
+    assert main(["token", "create", "--role", "clinician", "--name", "Dr X", "--data-dir", str(data)]) == 0
     out = capsys.readouterr()
     clear = out.out.strip()
     assert clear.startswith("lfx_") and "shown once" in out.err
@@ -58,20 +55,8 @@ def test_serve_refuses_to_listen_beyond_loopback_without_auth(tmp_path: Path, ca
 def test_serve_runs_on_embedded_defaults_and_stops_cleanly(tmp_path: Path) -> None:
     env = {**os.environ, "LEUK_FHIR_DICOM_PORT": "0"}
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "leuk_fhir",
-            "serve",
-            "--port",
-            "0",
-            "--data-dir",
-            str(tmp_path / "d"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
+        [sys.executable, "-m", "leuk_fhir", "serve", "--port", "0", "--data-dir", str(tmp_path / "d")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     try:
         assert process.stdout is not None

@@ -18,9 +18,8 @@ pytestmark = pytest.mark.slow
 
 
 def _instance_bytes(seed: int) -> bytes:
-    ds = dicom_microscopy_dataset(
-        generate_cell("blast", seed), patient_name="Doe^Jane", patient_id="PAT-42"
-    )
+    ds = dicom_microscopy_dataset(generate_cell("blast", seed), patient_name="Doe^Jane",
+                                  patient_id="PAT-42")
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
@@ -63,10 +62,8 @@ def test_c_store_instance_is_analysed(make_app, settings) -> None:
 
 
 def test_c_store_when_the_queue_is_full_answers_out_of_resources(make_app, settings) -> None:
-    app = make_app(
-        start=True,
-        settings_=settings.replace(dicom__enabled=True, dicom__port=0, service__queue_size=1),
-    )
+    app = make_app(start=True, settings_=settings.replace(
+        dicom__enabled=True, dicom__port=0, service__queue_size=1))
     service = app.extensions["leuk_fhir"]
     service.queue.reserve()  # the only place is taken
     try:

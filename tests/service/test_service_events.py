@@ -40,11 +40,8 @@ def test_events_stream_live_through_waitress(make_app, live_server, cell_png) ->
     reader.start()
     assert events.get(timeout=5)["event"] == "hello"
 
-    accepted = requests.post(
-        f"{server.url}/v1/analyses",
-        files={"image": ("cell.png", cell_png(), "image/png")},
-        timeout=10,
-    )
+    accepted = requests.post(f"{server.url}/v1/analyses",
+                             files={"image": ("cell.png", cell_png(), "image/png")}, timeout=10)
     assert accepted.status_code == 202
     event = events.get(timeout=5)
     assert event["event"] == "analysis"

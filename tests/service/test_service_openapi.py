@@ -31,17 +31,10 @@ def test_every_route_is_documented_and_every_documented_path_is_a_route(make_app
 def test_required_paths_are_there(make_app) -> None:
     documented = _documented_paths(make_app().test_client())
     for path, method in [
-        ("/v1/analyses", "post"),
-        ("/v1/analyses", "get"),
-        ("/v1/analyses/{analysis_id}", "get"),
-        ("/v1/analyses/{analysis_id}/sign-off", "post"),
-        ("/v1/deliveries", "get"),
-        ("/v1/deliveries/{delivery_id}/retry", "post"),
-        ("/dicomweb/studies", "post"),
-        ("/healthz", "get"),
-        ("/readyz", "get"),
-        ("/metrics", "get"),
-        ("/openapi.json", "get"),
+        ("/v1/analyses", "post"), ("/v1/analyses", "get"), ("/v1/analyses/{analysis_id}", "get"),
+        ("/v1/analyses/{analysis_id}/sign-off", "post"), ("/v1/deliveries", "get"),
+        ("/v1/deliveries/{delivery_id}/retry", "post"), ("/dicomweb/studies", "post"),
+        ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get"), ("/openapi.json", "get"),
     ]:
         assert method in documented[path], (method, path)
 
@@ -54,28 +47,13 @@ def test_every_view_declares_who_may_call_it(make_app) -> None:
         assert roles, f"{endpoint} declares no roles"
         if PUBLIC in roles:
             public.add(endpoint)
-    assert public == {
-        "ops.healthz",
-        "ops.readyz",
-        "ops.metrics",
-        "ops.openapi",
-        "page.index",
-        "page.static_file",
-        "api.get_model",
-    }
+    assert public == {"ops.healthz", "ops.readyz", "ops.metrics", "ops.openapi",
+                      "page.index", "page.static_file", "api.get_model"}
 
 
 def test_public_operations_are_marked_without_security(make_app) -> None:
     spec = make_app().test_client().get("/openapi.json").get_json()
-    open_paths = {
-        p for p, ops in spec["paths"].items() if "get" in ops and ops["get"].get("security") == []
-    }
-    assert open_paths == {
-        "/healthz",
-        "/readyz",
-        "/metrics",
-        "/openapi.json",
-        "/",
-        "/static/{filename}",
-        "/v1/model",
-    }
+    open_paths = {p for p, ops in spec["paths"].items()
+                  if "get" in ops and ops["get"].get("security") == []}
+    assert open_paths == {"/healthz", "/readyz", "/metrics", "/openapi.json", "/", "/static/{filename}",
+                          "/v1/model"}

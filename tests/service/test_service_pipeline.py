@@ -33,9 +33,7 @@ def submit(client, image: bytes, name: str = "cell.png", **fields: str) -> str:
 
 
 def _entries(bundle: dict, resource_type: str) -> list[dict]:
-    return [
-        e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == resource_type
-    ]
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == resource_type]
 
 
 @pytest.fixture
@@ -49,9 +47,7 @@ def running_app(make_app):
     return app
 
 
-def test_blast_cell_runs_end_to_end_alerts_and_is_signed_off(
-    running_app, live_server, cell_png
-) -> None:
+def test_blast_cell_runs_end_to_end_alerts_and_is_signed_off(running_app, live_server, cell_png) -> None:
     app = running_app
     client = app.test_client()
     server = live_server(app)
@@ -112,10 +108,8 @@ def test_blast_cell_runs_end_to_end_alerts_and_is_signed_off(
     assert alert["ordering_practitioner"] == "Practitioner/dr-x"
 
     # a clinician signs off: preliminary -> final, once
-    signed = client.post(
-        f"/v1/analyses/{analysis_id}/sign-off",
-        json={"signed_off_by": "Dr Ada Haem", "comment": "Agree; refer."},
-    )
+    signed = client.post(f"/v1/analyses/{analysis_id}/sign-off",
+                         json={"signed_off_by": "Dr Ada Haem", "comment": "Agree; refer."})
     assert signed.status_code == 200, signed.get_json()
     assert signed.get_json()["report"]["status"] == "final"
     assert signed.get_json()["report"]["signed_off_by"] == "Dr Ada Haem"
@@ -130,9 +124,7 @@ def test_blast_cell_runs_end_to_end_alerts_and_is_signed_off(
     # the page's report and Bundle now show the sign-off
     assert b"Dr Ada Haem" in client.get(f"/v1/analyses/{analysis_id}/report.html").data
     assert client.get(f"/v1/analyses/{analysis_id}/report.pdf").data.startswith(b"%PDF")
-    (shown,) = _entries(
-        client.get(f"/v1/analyses/{analysis_id}/fhir").get_json(), "DiagnosticReport"
-    )
+    (shown,) = _entries(client.get(f"/v1/analyses/{analysis_id}/fhir").get_json(), "DiagnosticReport")
     assert shown["status"] == "final"
     deliveries = client.get("/v1/deliveries").get_json()
     assert {d["kind"] for d in deliveries["deliveries"]} >= {"report", "communication", "sign-off"}
@@ -175,14 +167,9 @@ def test_unfinished_work_survives_a_restart(make_app, cell_png) -> None:
 def test_logs_carry_no_patient_data(running_app, cell_png, caplog) -> None:
     caplog.set_level(logging.DEBUG)
     client = running_app.test_client()
-    analysis_id = submit(
-        client,
-        cell_png("blast", 5),
-        name="DOE^JANE 1970-01-01.png",
-        patient_name="DOE^JANE",
-        patient_identifier="MRN-998877",
-        patient_birth_date="1970-01-01",
-    )
+    analysis_id = submit(client, cell_png("blast", 5), name="DOE^JANE 1970-01-01.png",
+                         patient_name="DOE^JANE", patient_identifier="MRN-998877",
+                         patient_birth_date="1970-01-01")
     body = wait_for(client, analysis_id)
     assert body["status"] == "completed", body["error"]
     client.post(f"/v1/analyses/{analysis_id}/sign-off", json={"signed_off_by": "Dr Ada Haem"})
