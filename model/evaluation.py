@@ -691,7 +691,8 @@ def plot_errors(rows: list[dict[str, Any]], crops: np.ndarray, path: Path) -> No
     plt.close(fig)
 
 
-def _fmt(value: float | None) -> str:
+def percent(value: float | None) -> str:
+    """A share as a percentage for reports (``n/a`` for None)."""
     return "n/a" if value is None else f"{100 * value:.2f}"
 
 
@@ -756,8 +757,8 @@ def _pooled_text(head: dict[str, Any]) -> str:
     if head.get("accuracy_pooled") is None:
         return "n/a"  # reports written before the interval existed
     interval = head.get("accuracy_ci95")
-    where = "" if interval is None else f" ({_fmt(interval[0])}-{_fmt(interval[1])})"
-    return f"{_fmt(head['accuracy_pooled'])}{where}"
+    where = "" if interval is None else f" ({percent(interval[0])}-{percent(interval[1])})"
+    return f"{percent(head['accuracy_pooled'])}{where}"
 
 
 def _comparisons_lines(report: dict[str, Any]) -> list[str]:
@@ -797,28 +798,19 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     for head, s in report["heads"].items():
         lines.append(
-            f"| {head} | {_fmt(s['accuracy_mean'])} +- {_fmt(s['accuracy_std'])} | "
-            f"{_pooled_text(s)} | {_fmt(s['macro_f1_mean'])} | {_fmt(s['macro_auc_mean'])} |"
+            f"| {head} | {percent(s['accuracy_mean'])} +- {percent(s['accuracy_std'])} | "
+            f"{_pooled_text(s)} | {percent(s['macro_f1_mean'])} | {percent(s['macro_auc_mean'])} |"
         )
     lines += _comparisons_lines(report)
     lines += [
         "",
         f"Held-out in-distribution cells answered `indeterminate`: "
-        f"{_fmt(report['indeterminate_rate_mean'])}%, of which out of focus "
-        f"{_fmt(report['out_of_focus_rate_mean'])}% (all are still counted with their nearest "
+        f"{percent(report['indeterminate_rate_mean'])}%, of which out of focus "
+        f"{percent(report['out_of_focus_rate_mean'])}% (all are still counted with their nearest "
         "class above).",
         "",
-        "## Per class (mean over folds, %)",
-        "",
-        "| Head | Class | Sensitivity | Specificity | Precision | F1 | AUC |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for head, s in report["heads"].items():
-        for name, m in s["per_class"].items():
-            lines.append(
-                f"| {head} | {name} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} | "
-                f"{_fmt(m['precision'])} | {_fmt(m['f1'])} | {_fmt(m['auc'])} |"
-            )
+    lines += per_class_lines(report["heads"], "Per class (mean over folds, %)")
     lines += [
         "",
         "## Per fold (accuracy %)",
@@ -832,12 +824,38 @@ def render_markdown(report: dict[str, Any]) -> str:
         sel = f["hosvd_selection"]
         lines.append(
             f"| {f['fold']} | "
-            + " | ".join(_fmt(f["heads"][h]["accuracy"]) for h in report["heads"])
+            + " | ".join(percent(f["heads"][h]["accuracy"]) for h in report["heads"])
             + f" | ({sel['channel_rank']}, {sel['position_rank']}) / {sel['n_basis']} / {sel['n_subspaces'] or 'labelled'} | {f['seconds_train']:.0f} |"
         )
-    lines += [
+    lines += figure_lines("Confusion matrices (pooled over folds)")
+    lines += error_lines(
+        report.get("misclassified", {}).get("hosvd") or [], "Fold", lambda e: str(e["fold"])
+    )
+    return "\n".join(lines)
+
+
+def per_class_lines(heads: dict[str, Any], title: str) -> list[str]:
+    """A report.md section: each head's per-class figures (``heads``: head to ``per_class``)."""
+    lines = [
+        f"## {title}",
         "",
-        "## Confusion matrices (pooled over folds)",
+        "| Head | Class | Sensitivity | Specificity | Precision | F1 | AUC |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for head, s in heads.items():
+        for name, m in s["per_class"].items():
+            lines.append(
+                f"| {head} | {name} | {percent(m['sensitivity'])} | {percent(m['specificity'])} | "
+                f"{percent(m['precision'])} | {percent(m['f1'])} | {percent(m['auc'])} |"
+            )
+    return lines
+
+
+def figure_lines(confusion_title: str) -> list[str]:
+    """The report.md sections that show confusion_matrix.png and roc.png."""
+    return [
+        "",
+        f"## {confusion_title}",
         "",
         "![confusion matrices](confusion_matrix.png)",
         "",
@@ -846,22 +864,28 @@ def render_markdown(report: dict[str, Any]) -> str:
         "![ROC curves](roc.png)",
         "",
     ]
-    errors = report.get("misclassified", {}).get("hosvd")
-    if errors:
-        lines += [
-            f"## Misclassified cells, HOSVD head ({len(errors)}; all heads in report.json)",
-            "",
-            "Most confident errors first: the place to look for label errors.",
-            "",
-            "| Image | Fold | True | Predicted | Probability |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| `{e['path']}` | {e['fold']} | {e['true']} | {e['predicted']} | {e['score']:.3f} |"
-            for e in errors[:20]
-        ]
-        lines += ["", "![most confident errors](errors_hosvd.png)", ""]
-    return "\n".join(lines)
+
+
+def error_lines(
+    errors: list[dict[str, Any]], column: str, value: Callable[[dict[str, Any]], str]
+) -> list[str]:
+    """The report.md section of the HOSVD head's most confident errors (the first 20 of
+    ``errors``, with one more ``column`` filled by ``value``) and errors_hosvd.png."""
+    if not errors:
+        return []
+    lines = [
+        f"## Misclassified cells, HOSVD head ({len(errors)}; all heads in report.json)",
+        "",
+        "Most confident errors first: the place to look for label errors.",
+        "",
+        f"| Image | {column} | True | Predicted | Probability |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| `{e['path']}` | {value(e)} | {e['true']} | {e['predicted']} | {e['score']:.3f} |"
+        for e in errors[:20]
+    ]
+    return [*lines, "", "![most confident errors](errors_hosvd.png)", ""]
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> Path:

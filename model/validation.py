@@ -24,7 +24,11 @@ from leuk_fhir.model.classifier import CellClassifier
 from leuk_fhir.model.dataset import CellDataset
 from leuk_fhir.model.evaluation import (
     ERROR_SHEET_CELLS,
+    error_lines,
+    figure_lines,
+    per_class_lines,
     per_class_metrics,
+    percent,
     plot_confusion,
     plot_errors,
     plot_roc,
@@ -170,10 +174,6 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
-
-
 def render_validation_markdown(report: dict[str, Any]) -> str:
     """``report.md`` of an external validation."""
     model, data = report["model"], report["dataset"]
@@ -217,16 +217,16 @@ def render_validation_markdown(report: dict[str, Any]) -> str:
     for head, s in report["heads"].items():
         own = cv_heads.get(head)
         own_text = (
-            f"{_pct(own['accuracy_mean'])} +- {_pct(own['accuracy_std'])} "
+            f"{percent(own['accuracy_mean'])} +- {percent(own['accuracy_std'])} "
             f"({cv.get('folds')} folds, {cv.get('images')} images)"
             if own
             else "not recorded (train with --cv-folds K)"
         )
         interval = s["accuracy_ci95"]
-        ci = "" if interval is None else f" ({_pct(interval[0])}-{_pct(interval[1])})"
+        ci = "" if interval is None else f" ({percent(interval[0])}-{percent(interval[1])})"
         lines.append(
-            f"| {head} | {_pct(s['accuracy'])}{ci} | {_pct(s['macro_f1'])} | "
-            f"{_pct(s['macro_auc'])} | {own_text} |"
+            f"| {head} | {percent(s['accuracy'])}{ci} | {percent(s['macro_f1'])} | "
+            f"{percent(s['macro_auc'])} | {own_text} |"
         )
     lines += [
         "",
@@ -235,60 +235,28 @@ def render_validation_markdown(report: dict[str, Any]) -> str:
     own_rate = cv.get("indeterminate_rate_mean")
     lines += [
         "",
-        f"Answered `indeterminate` by the HOSVD head: {_pct(report['indeterminate_rate'])}% "
-        f"of the cells (out of focus: {_pct(report['out_of_focus_rate'])}%)"
+        f"Answered `indeterminate` by the HOSVD head: {percent(report['indeterminate_rate'])}% "
+        f"of the cells (out of focus: {percent(report['out_of_focus_rate'])}%)"
         + (
-            f", against {_pct(own_rate)}% of held-out cells in the model's own cross-validation"
+            f", against {percent(own_rate)}% of held-out cells in the model's own cross-validation"
             if own_rate is not None
             else ""
         )
         + f". HOSVD accuracy on the cells it answers: "
-        f"{_pct(report['heads']['hosvd']['answered_accuracy'])}%. The accuracies above count "
+        f"{percent(report['heads']['hosvd']['answered_accuracy'])}%. The accuracies above count "
         "every cell, indeterminate ones with their nearest class. Far more indeterminate "
         "answers than in cross-validation, or a large drop in accuracy, mean these cells look "
         "unlike the training cells (another microscope, stain or magnification): retrain on "
         "this site's cells.",
         "",
-        "## Per class (%)",
-        "",
-        "| Head | Class | Sensitivity | Specificity | Precision | F1 | AUC |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for head, s in report["heads"].items():
-        for name, m in s["per_class"].items():
-            lines.append(
-                f"| {head} | {name} | {_pct(m['sensitivity'])} | {_pct(m['specificity'])} | "
-                f"{_pct(m['precision'])} | {_pct(m['f1'])} | {_pct(m['auc'])} |"
-            )
-    lines += [
-        "",
-        "## Confusion matrices",
-        "",
-        "![confusion matrices](confusion_matrix.png)",
-        "",
-        "## ROC curves",
-        "",
-        "![ROC curves](roc.png)",
-        "",
-        "Every image's answer: `predictions.csv`.",
-        "",
-    ]
-    errors = report["misclassified"]["hosvd"]
-    if errors:
-        lines += [
-            f"## Misclassified cells, HOSVD head ({len(errors)}; all heads in report.json)",
-            "",
-            "Most confident errors first: the place to look for label errors.",
-            "",
-            "| Image | True | Predicted | Probability | Indeterminate |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| `{e['path']}` | {e['true']} | {e['predicted']} | {e['score']:.3f} | "
-            f"{'yes' if e['indeterminate'] else 'no'} |"
-            for e in errors[:20]
-        ]
-        lines += ["", "![most confident errors](errors_hosvd.png)", ""]
+    lines += per_class_lines(report["heads"], "Per class (%)")
+    lines += [*figure_lines("Confusion matrices"), "Every image's answer: `predictions.csv`.", ""]
+    lines += error_lines(
+        report["misclassified"]["hosvd"],
+        "Indeterminate",
+        lambda e: "yes" if e["indeterminate"] else "no",
+    )
     return "\n".join(lines)
 
 

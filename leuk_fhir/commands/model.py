@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING, Any
 from leuk_fhir.errors import InputError
 
 if TYPE_CHECKING:
+    from leuk_fhir.model.classifier import CellClassifier
     from leuk_fhir.model.dataset import CellDataset
     from leuk_fhir.model.training import TrainingConfig
+    from leuk_fhir.settings import Settings
 
 _DEFAULTS = {"epochs": 0, "image_size": 64, "seed": 0, "feature_stages": 1}
+DEMO_WARNING = "WARNING: bundled DEMO model (synthetic training data), not for clinical use"
 
 
 def _fresh_option(parser: argparse.ArgumentParser, where: str) -> None:
@@ -382,10 +385,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _validate(args: argparse.Namespace) -> int:
+def _settings_and_classifier(args: argparse.Namespace) -> tuple[Settings, CellClassifier]:
+    """The settings (``--config``) and the model (``--model``, else the settings' model, else
+    the bundled demo model) on ``--device``, with the settings' thread count applied."""
     from leuk_fhir.model.classifier import load_classifier
-    from leuk_fhir.model.dataset import load_dataset
-    from leuk_fhir.model.validation import validate_model, write_validation_report
     from leuk_fhir.settings import load_settings
 
     settings = load_settings(args.config)
@@ -395,11 +398,16 @@ def _validate(args: argparse.Namespace) -> int:
         device=args.device or settings.model.device,
         batch_size=settings.model.batch_size,
     )
+    return settings, clf
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from leuk_fhir.model.dataset import load_dataset
+    from leuk_fhir.model.validation import validate_model, write_validation_report
+
+    settings, clf = _settings_and_classifier(args)
     if clf.info.is_demo:
-        print(
-            "WARNING: bundled DEMO model (synthetic training data), not for clinical use",
-            file=sys.stderr,
-        )
+        print(DEMO_WARNING, file=sys.stderr)
     dataset = load_dataset(
         args.data,
         image_size=clf.image_size,
@@ -434,17 +442,9 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from leuk_fhir.model.classifier import load_classifier
     from leuk_fhir.model.images import decode_image
-    from leuk_fhir.settings import load_settings
 
-    settings = load_settings(args.config)
-    _apply_threads(settings.model.threads)
-    clf = load_classifier(
-        args.model or settings.model.path,
-        device=args.device or settings.model.device,
-        batch_size=settings.model.batch_size,
-    )
+    settings, clf = _settings_and_classifier(args)
     images = [decode_image(p, settings.image.max_pixels) for p in args.images]
     findings = clf.classify(images)
     results: list[dict[str, Any]] = [
@@ -469,10 +469,7 @@ def _predict(args: argparse.Namespace) -> int:
         print(json.dumps({"model": model, "results": results}, indent=2))
     else:
         if clf.info.is_demo:
-            print(
-                "WARNING: bundled DEMO model (synthetic training data), not for clinical use",
-                file=sys.stderr,
-            )
+            print(DEMO_WARNING, file=sys.stderr)
         for r in results:
             print(f"{r['image']}: {r['label']} ({100 * r['confidence']:.1f}%)")
     return 0
