@@ -25,7 +25,12 @@ from leuk_fhir.model.dataset import CellDataset, Subclasses, stratified_folds
 from leuk_fhir.model.fold_store import CHECKPOINT_SUFFIX, FoldOutcome, FoldStore, run_identity
 from leuk_fhir.model.framing import Framing
 from leuk_fhir.model.machine import available_cores, describe_machine, machine_text
-from leuk_fhir.model.statistics import comparison_text, mcnemar, wilson_interval
+from leuk_fhir.model.statistics import (
+    comparison_text,
+    mcnemar,
+    mean_of_known,
+    wilson_interval,
+)
 from leuk_fhir.model.training import (
     HEADS,
     TrainingConfig,
@@ -65,11 +70,6 @@ def per_class_metrics(
         ):
             out[key].append(value)
     return out
-
-
-def _mean(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return float(np.mean(vals)) if vals else None
 
 
 #: Folds run one after another below this much CNN work per fold (training images x epochs,
@@ -547,7 +547,9 @@ def cross_validate(
         per_class: dict[str, dict[str, float | None]] = {}
         for ci, name in enumerate(dataset.class_names):
             per_class[name] = {
-                metric: _mean([f["heads"][head]["per_class"][metric][ci] for f in fold_records])
+                metric: mean_of_known(
+                    [f["heads"][head]["per_class"][metric][ci] for f in fold_records]
+                )
                 for metric in ("sensitivity", "specificity", "precision", "f1", "auc")
             }
         true = np.concatenate(pooled[head]["true"])
@@ -559,8 +561,8 @@ def cross_validate(
             # every cell is held out once: the share right over all of them, and its interval
             "accuracy_pooled": float(correct[head].mean()),
             "accuracy_ci95": wilson_interval(int(correct[head].sum()), len(true)),
-            "macro_f1_mean": _mean([v["f1"] for v in per_class.values()]),
-            "macro_auc_mean": _mean([v["auc"] for v in per_class.values()]),
+            "macro_f1_mean": mean_of_known([v["f1"] for v in per_class.values()]),
+            "macro_auc_mean": mean_of_known([v["auc"] for v in per_class.values()]),
             "per_class": per_class,
             "confusion_matrix": confusion_matrix(
                 true, pred, labels=list(range(n_classes))

@@ -17,6 +17,13 @@ import numpy as np
 Z95 = 1.959963984540054
 
 
+def mean_of_known(values: list[float | None]) -> float | None:
+    """Mean of the values that are known (None: undefined, such as the AUC of a class with no
+    cells); None when none is."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
 def wilson_interval(right: int, total: int, z: float = Z95) -> tuple[float, float] | None:
     """Wilson score interval of the proportion ``right / total`` (None for no cells)."""
     if total <= 0:

@@ -34,7 +34,12 @@ from leuk_fhir.model.evaluation import (
     plot_roc,
 )
 from leuk_fhir.model.machine import describe_machine, machine_text
-from leuk_fhir.model.statistics import comparison_text, mcnemar, wilson_interval
+from leuk_fhir.model.statistics import (
+    comparison_text,
+    mcnemar,
+    mean_of_known,
+    wilson_interval,
+)
 
 #: The heads a model file carries (the SVM baseline is fitted only inside ``evaluate``).
 HEADS = ("hosvd", "softmax")
@@ -92,8 +97,8 @@ def validate_model(
         heads[head] = {
             "accuracy": float(np.mean(right)),
             "accuracy_ci95": wilson_interval(int(right.sum()), len(y)),
-            "macro_f1": _mean(per_class["f1"]),
-            "macro_auc": _mean(per_class["auc"]),
+            "macro_f1": mean_of_known(per_class["f1"]),
+            "macro_auc": mean_of_known(per_class["auc"]),
             "per_class": {
                 name: {metric: values[c] for metric, values in per_class.items()}
                 for c, name in enumerate(names)
@@ -167,11 +172,6 @@ def validate_model(
             "out_of_focus": out_of_focus,
         },
     }
-
-
-def _mean(values: list[float | None]) -> float | None:
-    kept = [v for v in values if v is not None]
-    return float(np.mean(kept)) if kept else None
 
 
 def render_validation_markdown(report: dict[str, Any]) -> str:
