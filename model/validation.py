@@ -129,6 +129,13 @@ def validate_model(
         )
         for head in HEADS
     }
+    patients = (
+        None
+        if dataset.groups is None
+        else _per_patient(dataset.groups, y, predicted["hosvd"], indeterminate, names)
+    )
+    if patients is not None:
+        patients["grouping"] = dataset.grouping
     position = {path: i for i, path in enumerate(dataset.paths)}
     shown = misclassified["hosvd"][:ERROR_SHEET_CELLS]
     return {
@@ -160,6 +167,7 @@ def validate_model(
                 **mcnemar(predicted["hosvd"] == y, predicted["softmax"] == y),
             }
         ],
+        "patients": patients,
         "misclassified": misclassified,
         "_error_crops": dataset.images[[position[e["path"]] for e in shown]],
         "_roc": {h: {"true": y, "scores": scores[h]} for h in HEADS},
@@ -172,6 +180,76 @@ def validate_model(
             "out_of_focus": out_of_focus,
         },
     }
+
+
+def _per_patient(
+    groups: np.ndarray,
+    y: np.ndarray,
+    predicted: np.ndarray,
+    indeterminate: np.ndarray,
+    names: list[str],
+) -> dict[str, Any]:
+    """Each patient's cells and HOSVD answers, and whether the answer most of its cells get
+    (indeterminate ones left out) is the patient's class (the class most of its cells have)."""
+    rows = []
+    for group in sorted(set(groups.tolist())):
+        cells = groups == group
+        true_counts = np.bincount(y[cells], minlength=len(names))
+        answered = cells & ~indeterminate
+        answer_counts = np.bincount(predicted[answered], minlength=len(names))
+        truth = names[int(true_counts.argmax())]
+        answer = names[int(answer_counts.argmax())] if answered.any() else None
+        rows.append(
+            {
+                "patient": str(group),
+                "cells": int(cells.sum()),
+                "true": truth,
+                "mixed_labels": bool(np.count_nonzero(true_counts) > 1),
+                "answers": {n: int(c) for n, c in zip(names, answer_counts, strict=True) if c},
+                "indeterminate": int((cells & indeterminate).sum()),
+                "answer": answer,
+                "right": answer == truth,
+            }
+        )
+    right = sum(bool(r["right"]) for r in rows)
+    return {
+        "count": len(rows),
+        "accuracy": right / len(rows),
+        "accuracy_ci95": wilson_interval(right, len(rows)),
+        "rows": rows,
+    }
+
+
+#: Patients listed in report.md (all of them are in report.json).
+PATIENT_ROWS = 100
+
+
+def _patient_lines(patients: dict[str, Any] | None) -> list[str]:
+    if patients is None:
+        return []
+    low, high = patients["accuracy_ci95"]
+    lines = [
+        "## Per patient (HOSVD head)",
+        "",
+        f"{patients['count']} patients, from {patients['grouping']}. A patient's answer is the "
+        "class most of its cells are given (indeterminate cells left out), its class the one "
+        f"most of its cells carry: right for {percent(patients['accuracy'])}% of the patients "
+        f"(95% CI {percent(low)}-{percent(high)}). This counts cells, it is not a diagnostic "
+        "rule.",
+        "",
+        "| Patient | Class | Cells | HOSVD answers | Indeterminate | Answer | Right |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in patients["rows"][:PATIENT_ROWS]:
+        answers = ", ".join(f"{n} {c}" for n, c in r["answers"].items())
+        mixed = " (mixed labels)" if r["mixed_labels"] else ""
+        lines.append(
+            f"| {r['patient']} | {r['true']}{mixed} | {r['cells']} | {answers} | "
+            f"{r['indeterminate']} | {r['answer'] or 'none'} | {'yes' if r['right'] else 'no'} |"
+        )
+    if patients["count"] > PATIENT_ROWS:
+        lines.append(f"\n(first {PATIENT_ROWS} of {patients['count']}; all in report.json)")
+    return [*lines, ""]
 
 
 def render_validation_markdown(report: dict[str, Any]) -> str:
@@ -251,6 +329,7 @@ def render_validation_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     lines += per_class_lines(report["heads"], "Per class (%)")
+    lines += ["", *_patient_lines(report.get("patients"))]
     lines += [*figure_lines("Confusion matrices"), "Every image's answer: `predictions.csv`.", ""]
     lines += error_lines(
         report["misclassified"]["hosvd"],

@@ -223,6 +223,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="score a two-class NAME vs other model on a dataset of more classes (the classes "
         "but NAME count as other)",
     )
+    validate.add_argument(
+        "--group-pattern",
+        metavar="REGEX",
+        help="a regular expression searched in each image's path relative to DATA whose first "
+        "group (or the whole match) names the image's patient, for per-patient figures "
+        "(default: a manifest's group column, or the subject in C-NMC names)",
+    )
     validate.add_argument("--device", default=None, help="torch device: auto (default), cpu, cuda")
     validate.set_defaults(handler=_validate)
 
@@ -415,7 +422,7 @@ def _validate(args: argparse.Namespace) -> int:
         binary_positive=args.binary_positive,
         progress=True,
         crop=clf.crop,
-        groups=False,
+        group_pattern=args.group_pattern,
         min_classes=1,
     )
     report = validate_model(clf, dataset, progress=True)

@@ -186,6 +186,47 @@ def test_validate_refuses_a_class_the_model_does_not_know(
     assert "['monocyte'] that the model does not know; its classes are ['blast', 'normal']" in err
 
 
+def test_validate_gives_per_patient_figures(
+    trained: Path, other_site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import csv
+    from collections import Counter
+
+    # A manifest naming each cell's patient: three patients of each class, ten cells each.
+    manifest = tmp_path / "cells.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        for label in ("blast", "normal"):
+            for i, path in enumerate(sorted((other_site / label).glob("*.png"))):
+                writer.writerow([path, label, f"{label[0].upper()}{i // 10}"])
+    out = tmp_path / "v"
+    assert main(["validate", str(manifest), "--model", str(trained), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    patients = report["patients"]
+    assert patients["count"] == 6 and patients["grouping"] == "the manifest's group column"
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    group_of = {str(Path(r[0])): r[2] for r in csv.reader(manifest.open())}  # path -> patient
+    for patient in patients["rows"]:
+        mine = [r for r in rows if group_of[str(Path(r["path"]))] == patient["patient"]]
+        answers = Counter(r["hosvd"] for r in mine if r["indeterminate"] == "0")
+        assert patient["cells"] == len(mine) == 10 and not patient["mixed_labels"]
+        assert patient["answers"] == dict(answers)
+        assert patient["answer"] == answers.most_common(1)[0][0]
+        assert patient["right"] == (patient["answer"] == patient["true"])
+    right = sum(p["right"] for p in patients["rows"])
+    assert patients["accuracy"] == pytest.approx(right / 6)
+    assert "## Per patient (HOSVD head)" in (out / "report.md").read_text()
+
+    # Patients named by a pattern over the paths; here each holds cells of both classes.
+    args = ["validate", str(other_site), "--model", str(trained), "--out", str(tmp_path / "p")]
+    assert main([*args, "--group-pattern", r"_00(\d)\d\.png$"]) == 0
+    patients = json.loads((tmp_path / "p" / "report.json").read_text())["patients"]
+    assert [p["patient"] for p in patients["rows"]] == ["0", "1", "2"]
+    assert all(p["mixed_labels"] and p["cells"] == 20 for p in patients["rows"])
+    assert main(args) == 0  # no groups: no per-patient figures
+    assert json.loads((tmp_path / "p" / "report.json").read_text())["patients"] is None
+
+
 def test_validate_a_two_class_model_on_more_classes(
     other_site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
