@@ -168,6 +168,15 @@ class QueueFullError(LeukFhirError):
         self.retry_after_s = retry_after_s
 
 
+class ServiceBusyError(QueueFullError):
+    """Every slot of a limited service resource (live event streams) is taken."""
+
+    code = "service-busy"
+
+    def __init__(self, message: str, *, retry_after_s: int = 15, hint: str | None = None) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, hint=hint)
+
+
 class ResourceExhaustedError(LeukFhirError):
     """A job ran out of a machine resource (a worker process killed for memory)."""
 

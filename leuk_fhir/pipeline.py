@@ -147,7 +147,8 @@ class AnalysisPipeline:
         """Put the report (and, when blasts are found, an alert Communication) in the outbox.
 
         Returns the outbox keys and the alert's key (None without blasts). Keys derive from the
-        report identifier, so a re-run after a crash does not send twice.
+        report identifier (and the alert's recipient), so a re-run after a crash does not send
+        twice.
         """
         if self.outbox is None:
             return (), None
@@ -160,7 +161,9 @@ class AnalysisPipeline:
             communication = build_communication_bundle(
                 report, self.settings.fhir, recipient=recipient
             )
-            alert_key = f"{report.report_identifier}/{ALERT_KIND}"
+            alert_key = f"{report.report_identifier}/{ALERT_KIND}" + (
+                f"/{recipient}" if recipient else ""
+            )
             # The Communication refers to the report: send it only once the report is there.
             self.outbox.enqueue(alert_key, communication, ALERT_KIND, depends_on=key)
             keys.append(alert_key)

@@ -93,6 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
     from leuk_fhir.commands import interrupt_on_stop_signals
     from leuk_fhir.errors import ConfigurationError
     from leuk_fhir.service import create_app
+    from leuk_fhir.service.events import MAX_STREAMS
 
     settings = _settings(args)
     service_settings = settings.service
@@ -108,9 +109,12 @@ def _serve(args: argparse.Namespace) -> int:
         app,
         host=service_settings.host,
         port=service_settings.port,
-        # Each open page holds one thread for its event stream; requests use the rest.
-        threads=16 + service_settings.workers,
-        max_request_body_size=service_settings.max_request_bytes,
+        # Each open page holds one thread for its event stream (at most MAX_STREAMS of them);
+        # requests always have the other 16 + workers.
+        threads=16 + service_settings.workers + MAX_STREAMS,
+        # Above Flask's limit, so that Flask answers an oversized request with a problem+json
+        # 413 (its declared length is refused before the body is read).
+        max_request_body_size=service_settings.max_request_bytes + 1024 * 1024,
         ident="leuk-fhir",
         clear_untrusted_proxy_headers=True,
     )
@@ -130,6 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("leuk-fhir: stopping", file=sys.stderr, flush=True)
     finally:
+        service.broker.close()  # end the event streams before their sockets are closed
         server.close()
         service.stop()
     return 0

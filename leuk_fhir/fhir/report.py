@@ -6,9 +6,9 @@ valid resources; anything else raises :class:`~leuk_fhir.errors.FhirMappingError
 
 Idempotency: every entry is a conditional create keyed on a business identifier
 (``request.ifNoneExist``), except Provenance (R4 Provenance has no identifier), which is an
-update-as-create with a deterministic, non-numeric id. Identifiers derive from the input
-(``Acquisition.source_id``) and the model (``ModelInfo.sha256`` and version), so sending the
-same report again creates nothing new. See docs/fhir-mapping.md.
+update-as-create with a deterministic, non-numeric id. Identifiers derive from the submission
+(the input's ``Acquisition.source_id`` and the patient, :func:`submission_key`) and the model
+(``ModelInfo.sha256`` and version), so sending the same report again creates nothing new. See docs/fhir-mapping.md.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from urllib.parse import quote
 from pydantic import ValidationError
 
 from leuk_fhir import __version__
-from leuk_fhir.acquisition import Acquisition, Scope
+from leuk_fhir.acquisition import Acquisition, PatientInfo, Scope
 from leuk_fhir.errors import FhirMappingError
 from leuk_fhir.fhir import codes as C
 from leuk_fhir.fhir.rendering import (
@@ -53,18 +53,43 @@ def _digest(*parts: str, length: int = 32) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:length]
 
 
-def report_identifier_for(source_id: str, model: ModelInfo) -> str:
-    """The DiagnosticReport identifier value: stable for the same input and model.
+def submission_key(acq: Acquisition) -> str:
+    """What one submission is: its input (``Acquisition.source_id``, a DICOM UID or the image's
+    sha256) and the patient it is for. The same image sent for two patients is two reports (and
+    two Specimens and Media), never one patient's report filed under the other; sent again for
+    the same patient it is the same report. Without patient information: the input alone."""
+    p = acq.patient
+    if p == PatientInfo():
+        return acq.source_id
+    if p.identifier:
+        who: tuple[str, ...] = ("id", p.identifier_system or "", p.identifier)
+    else:
+        birth = p.birth_date.isoformat() if p.birth_date else ""
+        who = ("demographics", p.name or "", birth, p.sex or "")
+    return _digest(acq.source_id, *who, length=64)
 
-    Derived from ``Acquisition.source_id`` (DICOM UID or the image's sha256) and the model's
-    artifact sha256 and version; prefixed with letters so it is never purely numeric.
+
+def report_identifier_for(key: str, model: ModelInfo) -> str:
+    """The DiagnosticReport identifier value: stable for the same submission and model.
+
+    Derived from :func:`submission_key` and the model's artifact sha256 and version; prefixed
+    with letters so it is never purely numeric.
     """
-    return f"lf-{_digest(source_id, model.sha256, model.version)}"
+    return f"lf-{_digest(key, model.sha256, model.version)}"
+
+
+def _escape_token(text: str) -> str:
+    """A FHIR search token part, with backslash, ``|``, ``,`` and ``$`` escaped by a backslash,
+    so an identifier such as ``123,456`` matches itself, not ``123`` or ``456``."""
+    for char in ("\\", "|", ",", "$"):
+        text = text.replace(char, "\\" + char)
+    return text
 
 
 def match_url(resource_type: str, system: str, value: str) -> str:
     """The search part of a conditional create/update: ``identifier=system|value``."""
-    return "identifier=" + quote(f"{system}|{value}", safe=":/|.-_")
+    token = f"{_escape_token(system)}|{_escape_token(value)}"
+    return "identifier=" + quote(token, safe=":/|.-_")
 
 
 def identifier(system: str, value: str, use: str | None = None) -> dict[str, Any]:
@@ -385,7 +410,8 @@ def build_report_bundle(
     model = findings.model
     if not model.sha256 or not model.version:
         raise FhirMappingError("the model has no sha256 or version: cannot identify the report")
-    report_id = report_identifier_for(acq.source_id, model)
+    key = submission_key(acq)
+    report_id = report_identifier_for(key, model)
     effective = fhir_instant(acq.acquired_at or findings.created_at)
     tb = TransactionBuilder()
 
@@ -396,7 +422,7 @@ def build_report_bundle(
         pat_value = p.identifier
     else:  # an unidentified patient, one per source
         pat_system = settings.patient_identifier_system
-        pat_value = f"unidentified-{_digest(acq.source_id, length=24)}"
+        pat_value = f"unidentified-{_digest(key, length=24)}"
     patient: dict[str, Any] = {"resourceType": "Patient",
                                "identifier": [identifier(pat_system, pat_value, "usual")]}
     if p.name:
@@ -427,7 +453,7 @@ def build_report_bundle(
     device_ref = tb.create(_device(model, card_ref), C.MODEL_SHA256_SYSTEM, model.sha256)
 
     s = acq.specimen
-    spec_value = s.identifier or f"sp-{_digest(acq.source_id, length=24)}"
+    spec_value = s.identifier or f"sp-{_digest(key, length=24)}"
     specimen: dict[str, Any] = {
         "resourceType": "Specimen",
         "identifier": [identifier(C.SPECIMEN_SYSTEM, spec_value)],
@@ -474,7 +500,10 @@ def build_report_bundle(
         imaging_ref = tb.create(study, C.DICOM_UID, study_value)
         input_ref = imaging_ref
     else:
-        media_value = acq.content_sha256 or _digest(acq.source_id, length=64)
+        media_value = (
+            acq.content_sha256 if key == acq.source_id and acq.content_sha256
+            else _digest(key, length=64)
+        )
         media: dict[str, Any] = {
             "resourceType": "Media",
             "identifier": [identifier(C.MEDIA_SYSTEM, media_value)],

@@ -153,7 +153,8 @@ def build_communication_bundle(
     ``about`` the report and ``subject`` the patient are conditional references
     (``DiagnosticReport?identifier=...``), so the report must already be on the server: enqueue
     it with ``Outbox.enqueue(..., depends_on=<report key>)``. ``recipient`` (default
-    ``settings.alert_recipient``) is a reference to a Practitioner or CareTeam.
+    ``settings.alert_recipient``) is a reference to a Practitioner or CareTeam; each recipient
+    of a report gets its own Communication.
     """
     bundle = _bundle_of(report)
     dr = _entry(bundle, "DiagnosticReport")["resource"]
@@ -162,7 +163,8 @@ def build_communication_bundle(
     dev_system, dev_value = _first_identifier(_entry(bundle, "Device")["resource"])
     recipient = recipient if recipient is not None else settings.alert_recipient
     when = fhir_instant(now or datetime.now(UTC))
-    value = f"{dr_value}.alert"  # in the site's report identifier system
+    # in the site's report identifier system; one alert per recipient of the report
+    value = f"{dr_value}.alert" + (f".{_digest(recipient, length=16)}" if recipient else "")
     text = (
         "AI alert: blasts detected in a blood smear. "
         f"{dr.get('conclusion', '')} Review DiagnosticReport {dr_system}|{dr_value}."

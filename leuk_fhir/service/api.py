@@ -14,40 +14,81 @@ from leuk_fhir.pipeline import AnalysisOrder
 from leuk_fhir.service.auth import allow, current_principal, public
 from leuk_fhir.service.problems import query_limit
 from leuk_fhir.service.runtime import LeukFhirService
-from leuk_fhir.service.store import AnalysisRecord
+from leuk_fhir.service.store import COMPLETED, FAILED, UNFINISHED, AnalysisRecord
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
 
-_REFERENCE = re.compile(r"^(Practitioner|PractitionerRole|CareTeam|Organization)([/?])\S{1,200}$")
+#: A literal reference (``Practitioner/123``) or a conditional one by identifier
+#: (``Practitioner?identifier=system|value``), in the characters FHIR ids and URLs allow.
+_REFERENCE = re.compile(
+    r"^(Practitioner|PractitionerRole|CareTeam|Organization)"
+    r"(/[A-Za-z0-9\-.]{1,64}|\?identifier=[A-Za-z0-9\-._~:/|%]{1,200})$"
+)
 _RAW_TYPES = ("image/", "application/dicom", "application/octet-stream")
+#: C0 and C1 control characters and bidirectional overrides: never valid in FHIR strings.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_LINE_BREAKS = re.compile(r"[\t\n\r]")
+#: Longest accepted name or identifier, and comment.
+MAX_FIELD = 200
+MAX_COMMENT = 4000
+_SEXES = {"m", "f", "o", "male", "female", "other", "unknown"}
+ANALYSIS_STATES = (*UNFINISHED, COMPLETED, FAILED)
 
 
 def service() -> LeukFhirService:
     return current_app.extensions["leuk_fhir"]
 
 
-def _field(name: str) -> str | None:
-    value = request.form.get(name) or request.args.get(name)
-    return value.strip() or None if value else None
+def text_value(value: Any, name: str, *, max_length: int = MAX_FIELD,
+               multiline: bool = False) -> str | None:
+    """A client's text field, stripped; None when absent or blank. InputError (400) for a
+    non-string, an overlong value, or control characters (line breaks only in ``multiline``)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"{name} must be a string, not {type(value).__name__}")
+    value = value.strip()
+    if len(value) > max_length:
+        raise InputError(f"{name} is longer than {max_length} characters")
+    if _CONTROL.search(value) or (not multiline and _LINE_BREAKS.search(value)):
+        raise InputError(f"{name} contains control characters")
+    return value or None
+
+
+def _field(name: str, *, query: bool = False) -> str | None:
+    """A form field (and, for ``query``, a URL parameter: never patient data, which would end
+    up in access logs)."""
+    value = request.form.get(name)
+    if value is None and query:
+        value = request.args.get(name)
+    return text_value(value, name)
 
 
 def _order_from_request() -> AnalysisOrder:
-    practitioner = _field("ordering_practitioner")
+    practitioner = _field("ordering_practitioner", query=True)
     if practitioner and not _REFERENCE.match(practitioner):
         raise InputError(
             f"ordering_practitioner {practitioner!r} is not a FHIR reference",
-            hint="use e.g. 'Practitioner/123' or 'CareTeam/haem-oncall'",
+            hint="use e.g. 'Practitioner/123', 'CareTeam/haem-oncall' or "
+            "'Practitioner?identifier=system|value'",
         )
     birth = _field("patient_birth_date")
     try:
         birth_date = date.fromisoformat(birth) if birth else None
     except ValueError as exc:
         raise InputError("patient_birth_date must be YYYY-MM-DD") from exc
+    if birth_date and birth_date > date.today():
+        raise InputError(f"patient_birth_date {birth_date} is in the future")
+    sex = _field("patient_sex")
+    if sex and sex.lower() not in _SEXES:
+        raise InputError(
+            f"patient_sex {sex!r} is not one of male, female, other, unknown (or DICOM M, F, O)"
+        )
     patient = PatientInfo(
         identifier=_field("patient_identifier"),
         name=_field("patient_name"),
         birth_date=birth_date,
-        sex=_field("patient_sex"),
+        sex=sex,
     )
     return AnalysisOrder(
         ordering_practitioner=practitioner,
@@ -56,7 +97,7 @@ def _order_from_request() -> AnalysisOrder:
 
 
 def _scope_from_request() -> Scope | None:
-    scope = _field("scope")
+    scope = _field("scope", query=True)
     if scope is None:
         return None
     try:
@@ -180,8 +221,11 @@ def submit_analysis() -> tuple[dict[str, Any], int, dict[str, str]]:
 def list_analyses() -> dict[str, Any]:
     """Newest first; ``?status=`` filters, ``?before=<created_at>`` pages."""
     limit = query_limit(50, 500)
+    status = request.args.get("status") or None
+    if status is not None and status not in ANALYSIS_STATES:
+        raise InputError(f"status must be one of {list(ANALYSIS_STATES)}")
     records = service().store.list_analyses(
-        status=request.args.get("status") or None, limit=limit,
+        status=status, limit=limit,
         before=request.args.get("before") or None,
     )
     return {
@@ -210,7 +254,7 @@ def _analysis_file(analysis_id: str, name: str, what: str) -> Any:
 def get_analysis_image(analysis_id: str) -> Response:
     """A PNG preview of the analysed image; cell boxes scale by ``findings.image.scale``."""
     return send_file(_analysis_file(analysis_id, "preview.png", "image preview"),
-                     mimetype="image/png", max_age=3600)
+                     mimetype="image/png")
 
 
 @bp.get("/analyses/<analysis_id>/report.pdf")
@@ -237,26 +281,49 @@ def get_fhir_bundle(analysis_id: str) -> Response:
     return Response(path.read_bytes(), mimetype="application/fhir+json")
 
 
+def _json_body() -> dict[str, Any]:
+    """The request's JSON object; ``{}`` for an empty body. A body that is not a JSON object
+    is a 400, never read as empty (a truncated sign-off must not go through)."""
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return {}
+    if not request.is_json:
+        raise InputError("send the body as application/json")
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise InputError(f"the request body is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise InputError("the body must be a JSON object")
+    return body
+
+
 @bp.post("/analyses/<analysis_id>/sign-off")
 @allow("clinician")
 def sign_off(analysis_id: str) -> dict[str, Any]:
     """A clinician's review: the report goes preliminary -> final, with the person recorded."""
-    body = request.get_json(silent=True) or {}
-    if not isinstance(body, dict):
-        raise InputError("the sign-off body must be a JSON object")
+    body = _json_body()
     principal = current_principal()
-    comment = (body.get("comment") or "").strip() or None
+    comment = text_value(body.get("comment"), "comment", max_length=MAX_COMMENT, multiline=True)
+    given_identifier = text_value(body.get("practitioner_identifier"), "practitioner_identifier")
     if principal.authenticated:
-        name = principal.name  # the token's person; a body cannot sign for someone else
-        identifier = (body.get("practitioner_identifier") or "").strip() or principal.token_id
+        # The token's person: a body can neither sign for someone else nor under another
+        # practitioner's identifier.
+        for field in ("signed_off_by", "practitioner_identifier"):
+            if body.get(field) is not None:
+                raise InputError(
+                    f"{field} cannot be set with authentication on: the token names who signs"
+                )
+        name = principal.name
+        identifier = principal.token_id
     else:
-        name = (body.get("signed_off_by") or "").strip()
+        name = text_value(body.get("signed_off_by"), "signed_off_by") or ""
         if not name:
             raise InputError(
                 "signed_off_by is required: name the clinician who reviewed the report",
                 hint="with authentication on, the token's name is used",
             )
-        identifier = (body.get("practitioner_identifier") or "").strip() or re.sub(
+        identifier = given_identifier or re.sub(
             r"[^A-Za-z0-9.-]+", "-", name).strip("-").lower()
     record = service().sign_off(
         analysis_id, signed_off_by=name, practitioner_identifier=str(identifier),

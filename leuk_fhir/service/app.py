@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask
+from flask import Flask, Response, request
 
 from leuk_fhir.service import api, auth, dicomweb, ops, page, problems
 from leuk_fhir.service import deliveries as deliveries_bp
@@ -43,6 +43,7 @@ def create_app(
     service.metrics = metrics
 
     problems.init_app(app)
+    app.after_request(_security_headers)
     metrics.init_app(app)
     auth.init_app(app)
     for blueprint in (api.bp, deliveries_bp.bp, dicomweb.bp, ops.bp, page.bp):
@@ -51,3 +52,14 @@ def create_app(
     if app.config["START_SERVICE"]:
         service.start()
     return app
+
+
+def _security_headers(response: Response) -> Response:
+    """Headers every answer carries: no MIME sniffing, no referrer, no framing by other sites
+    (the page's sign-off button), and nothing about patients kept by browsers or proxies."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("X-Frame-Options", "SAMEORIGIN")
+    if request.path.startswith(("/v1/", "/dicomweb/")):
+        response.headers["Cache-Control"] = "no-store"
+    return response

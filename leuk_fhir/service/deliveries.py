@@ -49,4 +49,6 @@ def retry_delivery(delivery_id: str) -> dict[str, Any]:
         number = int(delivery_id)
     except ValueError as exc:
         raise NotFoundError(f"no delivery {delivery_id!r}") from exc
+    if not 0 < number < 2**63:  # beyond SQLite's integers
+        raise NotFoundError(f"no delivery {delivery_id!r}")
     return delivery_json(outbox.retry(number))

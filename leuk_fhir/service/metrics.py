@@ -69,7 +69,7 @@ class ServiceMetrics:
             self.analysis_seconds.observe(seconds)
 
     def render(self) -> Response:
-        return Response(generate_latest(self.registry), mimetype=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(self.registry), content_type=CONTENT_TYPE_LATEST)
 
     def init_app(self, app: Flask) -> None:
         def start_timer() -> None:

@@ -14,7 +14,8 @@ bp = Blueprint("page", __name__)
 
 _CSP = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; "
-    "frame-src 'self' blob:; connect-src 'self'; object-src 'none'; base-uri 'none'"
+    "frame-src 'self' blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+    "frame-ancestors 'self'"
 )
 
 

@@ -27,7 +27,7 @@ from leuk_fhir.findings import CellFinding, Findings, Outcome
 from leuk_fhir.pipeline import AnalysisOrder, AnalysisPipeline
 from leuk_fhir.service.auth import RateLimiter
 from leuk_fhir.service.events import ALERT_EVENT, ANALYSIS_EVENT, EventBroker
-from leuk_fhir.service.store import COMPLETED, AnalysisRecord, ServiceStore, new_analysis_id
+from leuk_fhir.service.store import AnalysisRecord, ServiceStore, new_analysis_id
 from leuk_fhir.service.worker import AnalysisQueue
 from leuk_fhir.settings import Settings
 
@@ -409,20 +409,25 @@ class LeukFhirService:
             self._fail(analysis_id, "internal", f"internal error ({type(exc).__name__})")
             return
         report = result.report
-        (folder / "bundle.json").write_text(json.dumps(report.bundle), encoding="utf-8")
-        (folder / "report.html").write_text(report.html, encoding="utf-8")
-        if report.pdf:
-            (folder / "report.pdf").write_bytes(report.pdf)
-        summary = findings_summary(result.findings)
-        summary["image"] = preview or None
-        self.store.mark_completed(
-            analysis_id,
-            result=summary,
-            outcome=summary["outcome"],
-            blast_percentage=result.findings.blast_percentage,
-            report_identifier=report.report_identifier,
-            delivery_keys=list(result.delivery_keys),
-        )
+        try:  # a full disk here must end in "failed", not an analysis left "running"
+            (folder / "bundle.json").write_text(json.dumps(report.bundle), encoding="utf-8")
+            (folder / "report.html").write_text(report.html, encoding="utf-8")
+            if report.pdf:
+                (folder / "report.pdf").write_bytes(report.pdf)
+            summary = findings_summary(result.findings)
+            summary["image"] = preview or None
+            self.store.mark_completed(
+                analysis_id,
+                result=summary,
+                outcome=summary["outcome"],
+                blast_percentage=result.findings.blast_percentage,
+                report_identifier=report.report_identifier,
+                delivery_keys=list(result.delivery_keys),
+            )
+        except Exception as exc:
+            log.exception("analysis %s: its results could not be kept", analysis_id)
+            self._fail(analysis_id, "internal", f"results not kept ({type(exc).__name__})")
+            return
         elapsed = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.analysis_finished(summary["outcome"], elapsed)
@@ -500,10 +505,10 @@ class LeukFhirService:
         comment: str | None,
     ) -> AnalysisRecord:
         """preliminary -> final: record the person and send the final report to the EHR."""
-        record = self.store.get_analysis(analysis_id)
-        key = None
+        # Claimed first, so of two concurrent sign-offs only one builds, queues and writes.
+        record = self.store.claim_sign_off(analysis_id)
         folder = self.analysis_dir(analysis_id)
-        if record.status == COMPLETED and record.report_status == "preliminary":
+        try:
             report_bundle = json.loads((folder / "bundle.json").read_text(encoding="utf-8"))
             acquisition, findings = self._stored_findings(record)
             try:
@@ -519,10 +524,13 @@ class LeukFhirService:
                 if acquisition is not None:
                     acquisition.pixels.close()
             self._keep_final_report(folder, report_bundle, signed)
-        record = self.store.record_sign_off(
-            analysis_id, signed_off_by=signed_off_by, role=role, comment=comment,
-            delivery_key=key,
-        )
+            record = self.store.record_sign_off(
+                analysis_id, signed_off_by=signed_off_by, role=role, comment=comment,
+                delivery_key=key,
+            )
+        except BaseException:
+            self.store.release_sign_off(analysis_id)
+            raise
         log.info("analysis %s signed off (role %s)", analysis_id, role)
         self.broker.publish(ANALYSIS_EVENT, {
             "id": analysis_id, "status": record.status, "report_status": "final",

@@ -27,6 +27,8 @@ ROLES = ("device", "clinician", "admin")
 #: Analysis lifecycle. ``queued`` and ``running`` are re-queued on start-up.
 QUEUED, RUNNING, COMPLETED, FAILED = "queued", "running", "completed", "failed"
 UNFINISHED = (QUEUED, RUNNING)
+#: An analysis started this many times without finishing (it took the process down) is failed.
+MAX_ATTEMPTS = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS analyses (
@@ -242,8 +244,19 @@ class ServiceStore:
             ).fetchall()
         return [AnalysisRecord.from_row(r) for r in rows]
 
-    def unfinished_analysis_ids(self) -> list[str]:
-        with self._connect() as db:
+    def unfinished_analysis_ids(self, max_attempts: int = MAX_ATTEMPTS) -> list[str]:
+        """Analyses to run again after a restart, oldest first. One that was started
+        ``max_attempts`` times already (it keeps taking the process down) is failed instead;
+        a sign-off cut short by the stop is undone (the report is preliminary again)."""
+        with self._write_lock, self._connect() as db:
+            db.execute(
+                "UPDATE analyses SET status = ?, error_code = 'too-many-attempts',"
+                " error_message = ?, updated_at = ? WHERE status IN (?, ?) AND attempts >= ?",
+                (FAILED, f"stopped {max_attempts} times while running; not retried",
+                 utc_now(), *UNFINISHED, max_attempts),
+            )
+            db.execute("UPDATE analyses SET report_status = 'preliminary'"
+                       " WHERE report_status = 'signing'")
             rows = db.execute(
                 "SELECT id FROM analyses WHERE status IN (?, ?) ORDER BY created_at",
                 UNFINISHED,
@@ -288,6 +301,55 @@ class ServiceStore:
             (FAILED, utc_now(), code, message, analysis_id),
         )
 
+    def claim_sign_off(self, analysis_id: str) -> AnalysisRecord:
+        """preliminary -> signing, for one request only: the first of two concurrent sign-offs
+        wins and the other gets :class:`ConflictError` before it has built or written anything.
+        Also a conflict: the same report (the same image for the same patient, submitted twice)
+        already signed off through another analysis."""
+        with self._write_lock, self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute("SELECT * FROM analyses WHERE id = ?", (analysis_id,)).fetchone()
+                if row is None:
+                    raise NotFoundError(f"no analysis {analysis_id!r}")
+                record = AnalysisRecord.from_row(row)
+                if record.status != COMPLETED or record.report_status != "preliminary":
+                    state = {"signing": "being signed off"}.get(
+                        record.report_status or "", record.report_status or "not yet issued")
+                    raise ConflictError(
+                        f"analysis {analysis_id} cannot be signed off: status {record.status},"
+                        f" report {state}",
+                        hint="only a completed analysis with a preliminary report can be signed off",
+                    )
+                other = db.execute(
+                    "SELECT id FROM analyses WHERE report_identifier = ? AND id != ?"
+                    " AND report_status IN ('signing', 'final')",
+                    (record.report_identifier, analysis_id),
+                ).fetchone()
+                if other is not None:
+                    raise ConflictError(
+                        f"report {record.report_identifier} was already signed off through "
+                        f"analysis {other['id']} (the same image for the same patient)",
+                        hint=f"see analysis {other['id']}",
+                    )
+                db.execute(
+                    "UPDATE analyses SET report_status = 'signing', updated_at = ? WHERE id = ?",
+                    (utc_now(), analysis_id),
+                )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        return AnalysisRecord.from_row(row)
+
+    def release_sign_off(self, analysis_id: str) -> None:
+        """Undo :meth:`claim_sign_off` after a sign-off failed."""
+        self._update(
+            "UPDATE analyses SET report_status = 'preliminary' WHERE id = ?"
+            " AND report_status = 'signing'",
+            (analysis_id,),
+        )
+
     def record_sign_off(
         self,
         analysis_id: str,
@@ -297,21 +359,14 @@ class ServiceStore:
         comment: str | None,
         delivery_key: str | None,
     ) -> AnalysisRecord:
-        """preliminary -> final, once. Raises :class:`ConflictError` when not allowed."""
+        """signing -> final (after :meth:`claim_sign_off`), with the person recorded."""
         with self._write_lock, self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute("SELECT * FROM analyses WHERE id = ?", (analysis_id,)).fetchone()
-            if row is None:
+            if row is None or row["report_status"] != "signing":
                 db.execute("ROLLBACK")
-                raise NotFoundError(f"no analysis {analysis_id!r}")
+                raise ConflictError(f"analysis {analysis_id} was not claimed for sign-off")
             record = AnalysisRecord.from_row(row)
-            if record.status != COMPLETED or record.report_status != "preliminary":
-                db.execute("ROLLBACK")
-                raise ConflictError(
-                    f"analysis {analysis_id} cannot be signed off: status {record.status},"
-                    f" report {record.report_status or 'not yet issued'}",
-                    hint="only a completed analysis with a preliminary report can be signed off",
-                )
             keys = record.delivery_keys + ([delivery_key] if delivery_key else [])
             db.execute(
                 "UPDATE analyses SET report_status = 'final', signed_off_by = ?,"

@@ -105,6 +105,21 @@ def test_report_is_accepted_once_and_readable(client):
     assert again.created == 0, again.entry_statuses
 
 
+def test_identifiers_with_search_separators_match_only_themselves(client):
+    """A patient identifier holding a comma (and a bar) is escaped in ``ifNoneExist``: HAPI
+    must match that identifier, not "123 or 456", and resending creates nothing."""
+    s = run_settings()
+    tag = uuid.uuid4().hex
+    rb = build_report_bundle(findings_for(0, tag, patient_id=f"{tag[:6]},4|5", card=False), s,
+                             include_pdf=False)
+    first = client.post_transaction(rb.bundle)
+    assert first.created >= 8, first.entry_statuses
+    again = client.post_transaction(rb.bundle)
+    assert again.created == 0, again.entry_statuses
+    found = client.search("Patient", {"identifier": f"{s.patient_identifier_system}|{tag[:6]}\\,4\\|5"})
+    assert found["total"] == 1
+
+
 def test_idempotent_three_pushes_one_after_a_client_timeout(hapi_base, client, tmp_path):
     s = run_settings()
     rb = build_report_bundle(findings_for(0, uuid.uuid4().hex), s)

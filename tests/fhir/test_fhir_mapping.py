@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from leuk_fhir.acquisition import Scope
+from leuk_fhir.acquisition import PatientInfo, Scope, SpecimenInfo
 from leuk_fhir.errors import FhirMappingError
 from leuk_fhir.fhir import build_communication_bundle, build_report_bundle, build_signoff_bundle
-from leuk_fhir.fhir.report import report_identifier_for
+from leuk_fhir.fhir.report import match_url, report_identifier_for, submission_key
 
 from .conftest import make_findings  # type: ignore[import-not-found]
 
@@ -83,7 +83,45 @@ def test_identifiers_are_stable_and_change_with_the_model(fhir_settings):
     assert a.bundle == b.bundle
     assert a.report_identifier != c.report_identifier
     f = make_findings()
-    assert a.report_identifier == report_identifier_for(f.acquisition.source_id, f.model)
+    assert a.report_identifier == report_identifier_for(submission_key(f.acquisition), f.model)
+
+
+def _for_patient(findings, **patient):
+    import dataclasses
+
+    acq = dataclasses.replace(findings.acquisition, patient=PatientInfo(**patient),
+                              specimen=SpecimenInfo())
+    return dataclasses.replace(findings, acquisition=acq)
+
+
+def test_the_same_image_for_two_patients_is_two_reports(fhir_settings):
+    """A lab resends a file with a corrected MRN, or two patients' orders carry the same file:
+    nothing of one patient's report may be filed under, or matched to, the other's."""
+    base = make_findings(patient_id=None)
+    alice = _for_patient(base, identifier="MRN-AAA", name="Alice")
+    bob = _for_patient(base, identifier="MRN-BBB", name="Bob")
+    again = _for_patient(base, identifier="MRN-AAA", name="Alice")
+    nameless = [_for_patient(base, name=n, sex="F") for n in ("Ann^A", "Eve^E")]
+    built = [build_report_bundle(f, fhir_settings, now=NOW, include_pdf=False)
+             for f in (alice, bob, again, *nameless)]
+    ids = [b.report_identifier for b in built]
+    assert ids[0] == ids[2] and len(set(ids)) == 4
+
+    def match(bundle, rtype):
+        return next(e["request"]["ifNoneExist"] for e in bundle["entry"]
+                    if e["resource"]["resourceType"] == rtype)
+
+    for rtype in ("Patient", "Specimen", "Media", "DiagnosticReport"):
+        assert match(built[0].bundle, rtype) != match(built[1].bundle, rtype), rtype
+        assert match(built[3].bundle, rtype) != match(built[4].bundle, rtype), rtype
+        assert match(built[0].bundle, rtype) == match(built[2].bundle, rtype), rtype
+
+
+def test_match_urls_escape_search_separators():
+    """``123,456`` must match that identifier, not "123 or 456" (FHIR search escaping)."""
+    assert match_url("Patient", "urn:mrn", "123,456") == "identifier=urn:mrn|123%5C%2C456"
+    assert match_url("Patient", "urn:mrn", "a|b$c\\d") == "identifier=urn:mrn|a%5C|b%5C%24c%5C%5Cd"
+    assert match_url("Patient", "urn:mrn", "MRN-0001") == "identifier=urn:mrn|MRN-0001"
 
 
 def test_one_request_per_match_url_and_no_numeric_ids(fhir_settings):
@@ -172,4 +210,10 @@ def test_communication_alert_is_about_the_report(fhir_settings):
     assert comm["recipient"][0]["reference"] == "CareTeam/haem-oncall"
     assert comm["meta"]["security"][0]["code"] == "AIAST"
     assert "blasts detected" in comm["payload"][0]["contentString"]
-    assert c["entry"][0]["request"]["ifNoneExist"].endswith(f"{rb.report_identifier}.alert")
+    match = c["entry"][0]["request"]["ifNoneExist"]
+    assert f"{rb.report_identifier}.alert." in match
+    # each recipient gets its own alert; the site default (none here) the plain one
+    other = build_communication_bundle(rb, fhir_settings, recipient="Practitioner/7", now=NOW)
+    assert other["entry"][0]["request"]["ifNoneExist"] != match
+    plain = build_communication_bundle(rb, fhir_settings, now=NOW)
+    assert plain["entry"][0]["request"]["ifNoneExist"].endswith(f"{rb.report_identifier}.alert")

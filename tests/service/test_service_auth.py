@@ -147,3 +147,13 @@ def test_rate_limit_answers_429_with_retry_after(make_app, settings) -> None:
     assert int(limited.headers["Retry-After"]) >= 1
     assert limited.get_json()["type"].endswith("rate-limited")
     assert client.get("/healthz").status_code == 200  # health checks are never limited
+
+
+def test_a_signed_in_clinician_cannot_sign_under_another_name_or_identifier(secured) -> None:
+    app, tokens = secured
+    client = app.test_client()
+    for body in ({"practitioner_identifier": "NPI-9999-dr-house"}, {"signed_off_by": "Dr House"}):
+        response = client.post("/v1/analyses/an-x/sign-off", json=body,
+                               headers=_auth(tokens["clinician"]))
+        assert response.status_code == 400, response.get_json()
+        assert "token names who signs" in response.get_json()["detail"]

@@ -280,7 +280,11 @@ function connectEvents() {
   const es = new EventSource(url);
   state.events = es;
   es.addEventListener("hello", () => { $("live").textContent = "● live"; $("live").classList.add("on"); });
-  es.onerror = () => { $("live").textContent = "○ reconnecting"; $("live").classList.remove("on"); };
+  es.onerror = () => {
+    $("live").textContent = "○ reconnecting"; $("live").classList.remove("on");
+    // Refused (all live streams taken, or signed out): the browser gives up; try again later.
+    if (es.readyState === EventSource.CLOSED && state.events === es) setTimeout(connectEvents, 20000);
+  };
   es.addEventListener("analysis", (ev) => {
     const data = JSON.parse(ev.data);
     if (!$("list-view").hidden) scheduleListReload();
