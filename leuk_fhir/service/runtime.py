@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from leuk_fhir.acquisition import Acquisition, DicomReference, Scope, Transport
-from leuk_fhir.errors import InputError, LeukFhirError, NotFoundError
+from leuk_fhir.errors import InputError, InvalidImageError, LeukFhirError, NotFoundError
 from leuk_fhir.findings import CellFinding, Findings, Outcome
+from leuk_fhir.model.images import MIN_SIDE
 from leuk_fhir.pipeline import AnalysisOrder, AnalysisPipeline
 from leuk_fhir.service.auth import RateLimiter
 from leuk_fhir.service.events import ALERT_EVENT, ANALYSIS_EVENT, EventBroker
@@ -354,6 +355,12 @@ class LeukFhirService:
         # Fail fast on bad input: open it (headers only; pixels stay lazy) before accepting.
         acquisition = self.pipeline.ingest(upload, transport=transport, scope=scope, order=order)
         acquisition.pixels.close()
+        levels = acquisition.pixels.levels
+        if levels and min(levels[0].width, levels[0].height) < MIN_SIDE:
+            raise InvalidImageError(
+                f"{levels[0].width}x{levels[0].height} pixels is too small "
+                f"(minimum {MIN_SIDE} px a side)"
+            )
         record = self.store.insert_analysis(
             analysis_id,
             transport=str(transport),

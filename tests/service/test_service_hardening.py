@@ -11,6 +11,7 @@ import time
 from datetime import date, timedelta
 
 import pytest
+from PIL import Image
 
 from leuk_fhir.errors import ConflictError
 from leuk_fhir.service.events import EventBroker
@@ -38,6 +39,17 @@ def test_bad_order_fields_are_refused_before_anything_is_kept(
     response = _submit(client, cell_png(), **{field: value})
     assert response.status_code == 400, response.get_json()
     assert words in response.get_json()["detail"]
+    assert app.extensions["leuk_fhir"].store.count_by_status() == {}
+
+
+def test_an_image_too_small_to_analyse_is_refused_at_the_door(make_app) -> None:
+    app = make_app()
+    out = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(out, format="PNG")
+    response = app.test_client().post(
+        "/v1/analyses", data={"image": (io.BytesIO(out.getvalue()), "dot.png")})
+    assert response.status_code == 422, response.get_json()
+    assert "too small" in response.get_json()["detail"]
     assert app.extensions["leuk_fhir"].store.count_by_status() == {}
 
 
