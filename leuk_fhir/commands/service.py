@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,9 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("leuk-fhir: stopping", file=sys.stderr, flush=True)
     finally:
-        service.broker.close()  # end the event streams before their sockets are closed
+        # End the event streams, and let their threads finish writing, before the sockets close.
+        service.broker.close(wait_s=5.0)
+        time.sleep(0.2)
         server.close()
         service.stop()
     return 0

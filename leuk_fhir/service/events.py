@@ -53,13 +53,16 @@ class EventBroker:
             with contextlib.suppress(queue.Full):
                 q.put_nowait(message)
 
-    def close(self) -> None:
-        """End every open stream."""
+    def close(self, wait_s: float = 0.0) -> None:
+        """End every open stream; wait up to ``wait_s`` until their generators have ended."""
         with self._lock:
             subscribers = list(self._subscribers)
         for q in subscribers:
             with contextlib.suppress(queue.Full):
                 q.put_nowait(None)
+        deadline = time.monotonic() + wait_s
+        while self._subscribers and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def stream(self, heartbeat_s: float = 15.0, max_age_s: float = STREAM_MAX_AGE_S) -> Iterator[str]:
         """An SSE text stream for one client; ends when the broker closes or after
