@@ -15,9 +15,12 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from leuk_fhir.errors import ConfigurationError, InputError
+from leuk_fhir.errors import ConfigurationError, ConflictError, InputError
 
 REPORT_KIND = "report"
+#: `outbox drain` exit codes: deliveries still pending / deliveries that became dead letters.
+EXIT_PENDING = 6
+EXIT_DEAD = 7
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -128,9 +131,15 @@ def _cmd_push(args: argparse.Namespace) -> int:
     settings = _settings(args)
     bundle = _read_bundle(args.bundle)
     if args.queue:
+        key = args.key or _report_key(bundle)
         with Outbox(_outbox_path(args, settings), lease_s=settings.outbox.lease_s) as outbox:
-            did = outbox.enqueue(args.key or _report_key(bundle), bundle, args.kind)
-        print(f"queued as delivery {did}")
+            did = outbox.enqueue(key, bundle, args.kind)
+            d = outbox.get(did)
+        if d.bundle != bundle:
+            raise ConflictError(f"key {key!r} is already in the outbox as delivery {did} ({d.status.value}) "
+                                "with a different Bundle; this Bundle was NOT queued",
+                                hint="use --key to queue it under another key")
+        print(f"queued as delivery {did} ({d.status.value})")
         return 0
     if not settings.fhir.base_url:
         raise ConfigurationError("no EHR given", hint="--fhir-base URL or fhir.base_url")
@@ -150,10 +159,11 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _open_outbox(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The settings and the existing outbox (a mistyped path is an error, not a new outbox)."""
     from leuk_fhir.delivery import Outbox
 
     settings = _settings(args)
-    return settings, Outbox(_outbox_path(args, settings), lease_s=settings.outbox.lease_s)
+    return settings, Outbox(_outbox_path(args, settings), lease_s=settings.outbox.lease_s, create=False)
 
 
 def _cmd_outbox_list(args: argparse.Namespace) -> int:
@@ -196,13 +206,24 @@ def _cmd_outbox_drain(args: argparse.Namespace) -> int:
     from leuk_fhir.delivery import EhrClient, OutboxSender
 
     settings, outbox = _open_outbox(args)
-    client = EhrClient.from_settings(settings.fhir)
     with outbox:
-        sender = OutboxSender(outbox, client, settings.outbox)
-        stats = sender.drain(timeout_s=args.timeout_drain)
-    client.close()
+        client = EhrClient.from_settings(settings.fhir)
+        try:
+            dead_before = {d.id for d in outbox.list("dead", limit=1_000_000)}
+            stats = OutboxSender(outbox, client, settings.outbox).drain(timeout_s=args.timeout_drain)
+            new_dead = [d for d in outbox.list("dead", limit=1_000_000) if d.id not in dead_before]
+            blocked = outbox.blocked()
+        finally:
+            client.close()
     print(json.dumps(stats))
-    return 0 if stats["pending"] == 0 and stats["sending"] == 0 else 6
+    for d in reversed(new_dead):
+        print(f"delivery {d.id} ({d.key}) is now a dead letter: {(d.last_error or '')[:200]}", file=sys.stderr)
+    for d in blocked:
+        print(f"delivery {d.id} ({d.key}) is blocked: it waits for {d.depends_on!r}, not delivered yet",
+              file=sys.stderr)
+    if new_dead:
+        return EXIT_DEAD
+    return 0 if stats["pending"] == 0 and stats["sending"] == 0 else EXIT_PENDING
 
 
 # ------------------------------------------------------------------ wiring

@@ -10,7 +10,10 @@ from leuk_fhir.delivery.auth import (
 )
 from leuk_fhir.delivery.client import (
     Capabilities,
+    EhrAuthRejectedError,
     EhrClient,
+    EhrEndpointError,
+    EhrRedirectError,
     EhrRejectedError,
     EhrUnavailableError,
     TransactionResult,
@@ -18,7 +21,7 @@ from leuk_fhir.delivery.client import (
 from leuk_fhir.delivery.outbox import Delivery, DeliveryStatus, Outbox, OutboxSender, backoff_delay
 
 __all__ = [
-    "BasicAuth", "BearerAuth", "Capabilities", "Delivery", "DeliveryStatus", "EhrAuth", "EhrClient",
-    "EhrRejectedError", "EhrUnavailableError", "NoAuth", "Outbox", "OutboxSender", "SmartBackendAuth",
+    "BasicAuth", "BearerAuth", "Capabilities", "Delivery", "DeliveryStatus", "EhrAuth", "EhrAuthRejectedError",
+    "EhrClient", "EhrEndpointError", "EhrRedirectError", "EhrRejectedError", "EhrUnavailableError", "NoAuth", "Outbox", "OutboxSender", "SmartBackendAuth",
     "TransactionResult", "auth_from_settings", "backoff_delay",
 ]

@@ -143,12 +143,17 @@ class SmartBackendAuth(EhrAuth):
         if self._token_url is None:
             url = f"{self._base}/.well-known/smart-configuration"
             try:
-                resp = self._session.get(url, timeout=self._timeout, verify=self._verify,
+                resp = self._session.get(url, timeout=self._timeout, verify=self._verify, allow_redirects=False,
                                          headers={"Accept": "application/json"})
                 resp.raise_for_status()
-                self._token_url = resp.json()["token_endpoint"]
-            except (requests.RequestException, ValueError, KeyError) as exc:
+                body = resp.json() if resp.status_code == 200 else None
+            except (requests.RequestException, ValueError) as exc:
                 raise AuthenticationError(f"cannot discover the SMART token endpoint at {url}: {exc}") from exc
+            endpoint = body.get("token_endpoint") if isinstance(body, dict) else None
+            if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
+                raise AuthenticationError(f"cannot discover the SMART token endpoint at {url}: HTTP "
+                                          f"{resp.status_code}, the answer names no token_endpoint URL")
+            self._token_url = endpoint
         return self._token_url
 
     def client_assertion(self) -> str:
@@ -176,23 +181,29 @@ class SmartBackendAuth(EhrAuth):
             "client_assertion": self.client_assertion(),
         }
         try:
-            resp = self._session.post(self.token_url, data=form, timeout=self._timeout,
+            resp = self._session.post(self.token_url, data=form, timeout=self._timeout, allow_redirects=False,
                                       verify=self._verify, headers={"Accept": "application/json"})
         except requests.RequestException as exc:
             raise AuthenticationError(f"token endpoint {self.token_url} unreachable: {exc}") from exc
         try:
             body = resp.json()
         except ValueError:
+            body = None
+        if not isinstance(body, dict):
             body = {}
-        if resp.status_code != 200 or "access_token" not in body:
+        token = body.get("access_token")
+        if resp.status_code != 200 or not isinstance(token, str) or not token:
             detail = body.get("error_description") or body.get("error") or resp.text[:200]
             raise AuthenticationError(
-                f"token endpoint refused client {self.client_id!r} (HTTP {resp.status_code}): {detail}",
+                f"token endpoint refused client {self.client_id!r} (HTTP {resp.status_code}): {str(detail)[:200]}",
                 hint="check the client id, the registered public key (JWKS) and the scope",
             )
-        lifetime = float(body.get("expires_in", 300))
+        lifetime = body.get("expires_in", 300)
+        if isinstance(lifetime, bool) or not isinstance(lifetime, int | float) or lifetime <= 0:
+            raise AuthenticationError(f"token endpoint {self.token_url} answered an invalid expires_in "
+                                      f"{lifetime!r} (client {self.client_id!r})")
         margin = min(self._renew_before, lifetime / 2)
-        self._token = str(body["access_token"])
+        self._token = token
         self._expires_at = time.monotonic() + lifetime - margin
         self.tokens_fetched += 1
         log.info("SMART access token for %s obtained (expires in %.0f s)", self.client_id, lifetime)

@@ -3,18 +3,32 @@
 Every failure becomes a :class:`~leuk_fhir.errors.DeliveryError`; ``retryable`` says whether
 sending again later may succeed (connection errors, timeouts, 408, 429, 5xx, unreadable
 answers) or not (other 4xx: the answer's OperationOutcome is kept for the dead letter).
+
+Requests only ever go to ``base_url``: redirects are never followed (a 3xx is an
+:class:`EhrRedirectError`). Each request, its answer included, must finish within
+``total_timeout_s`` (a watchdog shuts its sockets down otherwise), and answers larger than
+``max_response_bytes`` are refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import logging
+import socket
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.util import Timeout
 
 from leuk_fhir.delivery.auth import EhrAuth, NoAuth, auth_from_settings
 from leuk_fhir.errors import (
@@ -29,6 +43,7 @@ log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
 RETRYABLE_STATUS = {408, 425, 429}
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 
 class EhrUnavailableError(DeliveryError):
@@ -50,6 +65,38 @@ class EhrRejectedError(PermanentDeliveryError):
     def __init__(self, message: str, *, status: int | None = None,
                  outcome: dict[str, Any] | None = None, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
+        self.status = status
+        self.outcome = outcome
+
+
+class EhrEndpointError(EhrUnavailableError):
+    """``fhir.base_url`` is not a usable FHIR R4 endpoint (``/metadata`` refused, wrong version).
+
+    It says nothing about any one Bundle: the outbox pauses instead of using up attempts.
+    """
+
+    code = "delivery-endpoint"
+
+
+class EhrRedirectError(DeliveryError):
+    """The EHR answered 3xx; requests are never sent on to another URL."""
+
+    code = "delivery-redirected"
+
+    def __init__(self, message: str, *, status: int, location: str | None) -> None:
+        super().__init__(message, hint="update fhir.base_url")
+        self.status = status
+        self.location = location
+        self.outcome: dict[str, Any] | None = None
+        #: A permanent move (301, 308) will not go away by itself.
+        self.retryable = status not in (301, 308)
+
+
+class EhrAuthRejectedError(AuthenticationError):
+    """The EHR refused the credentials (401 after a fresh token, or 403); keeps its answer."""
+
+    def __init__(self, message: str, *, status: int, outcome: dict[str, Any] | None) -> None:
+        super().__init__(message, hint="check the fhir.auth settings and the client's permissions")
         self.status = status
         self.outcome = outcome
 
@@ -93,14 +140,97 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _outcome_text(outcome: dict[str, Any] | None) -> str:
-    if not outcome or outcome.get("resourceType") != "OperationOutcome":
+def _outcome_text(outcome: Any) -> str:
+    if not isinstance(outcome, dict) or outcome.get("resourceType") != "OperationOutcome":
         return ""
+    issues = outcome.get("issue")
     texts = [
-        f"{i.get('severity', '?')}: {i.get('diagnostics') or (i.get('details') or {}).get('text', '')}"
-        for i in outcome.get("issue", [])
+        f"{i.get('severity', '?')}: {i.get('diagnostics') or _dict(i.get('details')).get('text', '')}"
+        for i in (issues if isinstance(issues, list) else []) if isinstance(i, dict)
     ]
     return "; ".join(t for t in texts if t.strip(": "))[:1000]
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _check_base_url(base_url: str) -> None:
+    """Refuse anything but an http(s) URL without credentials in it (they would leak into logs)."""
+    parts = urlsplit(base_url or "")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigurationError("fhir.base_url must not contain credentials (user:password@)",
+                                 hint="use fhir.auth with fhir.username / fhir.password or a token")
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigurationError(f"fhir.base_url {base_url!r} is not an http(s) URL")
+
+
+# ---------------------------------------------------------------------- total deadline
+
+_inflight = threading.local()  # the connections used by this thread's current request
+
+
+def _track(conn: HTTPConnection) -> None:
+    conns = getattr(_inflight, "conns", None)
+    if conns is not None:
+        conns.append(conn)
+
+
+class _TrackedHTTPConnection(HTTPConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _track(self)
+        super().request(*args, **kwargs)
+
+
+class _TrackedHTTPSConnection(HTTPSConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _track(self)
+        super().request(*args, **kwargs)
+
+
+class _TrackedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _TrackedHTTPConnection
+
+
+class _TrackedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _TrackedHTTPSConnection
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    """An adapter whose connections can be aborted by :func:`_deadline`."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _TrackedHTTPPool, "https": _TrackedHTTPSPool}
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[threading.Event]:
+    """A watchdog: after ``seconds`` it shuts down every socket this thread's request used
+    (token requests included), so a server that drips its answer cannot hold us; the event
+    says whether it fired."""
+    fired = threading.Event()
+    conns: list[HTTPConnection] = []
+
+    def abort() -> None:
+        fired.set()
+        for conn in list(conns):
+            with contextlib.suppress(OSError, TypeError):
+                socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)  # type: ignore[arg-type]
+
+    timer = threading.Timer(seconds, abort)
+    timer.daemon = True
+    _inflight.conns = conns
+    timer.start()
+    try:
+        yield fired
+    finally:
+        timer.cancel()
+        _inflight.conns = None
 
 
 class EhrClient:
@@ -115,14 +245,21 @@ class EhrClient:
         connect_timeout_s: float | None = None,
         verify: bool | str = True,
         session: requests.Session | None = None,
+        total_timeout_s: float | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
-        if not base_url or not base_url.startswith(("http://", "https://")):
-            raise ConfigurationError(f"fhir.base_url {base_url!r} is not an http(s) URL")
+        _check_base_url(base_url)
         self.base_url = base_url.rstrip("/")
         self.auth = auth or NoAuth()
         self.timeout = (connect_timeout_s or min(10.0, timeout_s), timeout_s)
+        #: Limit on one whole request, answer included (``timeout`` bounds each read only).
+        self.total_timeout_s = total_timeout_s or timeout_s
+        self.max_response_bytes = max_response_bytes
         self.verify = verify
         self.session = session or requests.Session()
+        adapter = _DeadlineAdapter()
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         self.session.headers.update({"Accept": FHIR_JSON, "User-Agent": "leuk-fhir"})
         self._capabilities: Capabilities | None = None
 
@@ -131,6 +268,7 @@ class EhrClient:
         """A client for ``settings.base_url`` with the configured authentication and CA bundle."""
         if not settings.base_url:
             raise ConfigurationError("no EHR configured", hint="set fhir.base_url / LEUK_FHIR_FHIR_BASE_URL")
+        _check_base_url(settings.base_url)
         verify: bool | str = True
         if settings.ca_bundle is not None:
             if not settings.ca_bundle.is_file():
@@ -147,27 +285,53 @@ class EhrClient:
 
     def _request(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         """One request; a 401 drops the cached token and is retried once with a fresh one."""
-        for attempt in (1, 2):
+        resp = self._send(method, url, **kwargs)
+        if resp.status_code == 401:
+            log.info("EHR answered 401; fetching a fresh credential and retrying once")
+            self.auth.invalidate()
+            resp = self._send(method, url, **kwargs)
+        return resp
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        """One exchange, never redirected, read whole within the total deadline and size cap."""
+        limit = self.total_timeout_s
+        timeout: Any = Timeout(connect=self.timeout[0], read=self.timeout[1], total=limit)  # requests takes it
+        late = f"EHR timed out on {method} {url}: no complete answer within {limit:g} s"
+        with _deadline(limit) as fired:
             try:
-                resp = self.session.request(method, url, auth=self.auth, timeout=self.timeout,
-                                            verify=self.verify, **kwargs)
-            except requests.Timeout as exc:
-                raise EhrUnavailableError(f"EHR timed out on {method} {url}: {exc}") from exc
-            except requests.ConnectionError as exc:
-                raise EhrUnavailableError(f"EHR unreachable at {url}: {exc}") from exc
+                resp = self.session.request(method, url, auth=self.auth, timeout=timeout, verify=self.verify,
+                                            allow_redirects=False, stream=True, **kwargs)
+                try:
+                    body = bytearray()
+                    for chunk in resp.iter_content(64 * 1024):
+                        body += chunk
+                        if len(body) > self.max_response_bytes:
+                            raise EhrUnavailableError(
+                                f"{method} {url}: the answer exceeds {self.max_response_bytes} bytes",
+                                status=resp.status_code)
+                finally:
+                    resp.close()
             except requests.RequestException as exc:
+                if fired.is_set():
+                    raise EhrUnavailableError(late) from exc
+                if isinstance(exc, requests.Timeout):
+                    raise EhrUnavailableError(f"EHR timed out on {method} {url}: {exc}") from exc
+                if isinstance(exc, requests.ConnectionError):
+                    raise EhrUnavailableError(f"EHR unreachable at {url}: {exc}") from exc
                 raise EhrUnavailableError(f"HTTP error on {method} {url}: {exc}") from exc
-            if resp.status_code == 401 and attempt == 1:
-                log.info("EHR answered 401; fetching a fresh credential and retrying once")
-                self.auth.invalidate()
-                continue
-            return resp
-        raise AuthenticationError(f"EHR refused the credentials on {method} {url} (HTTP 401)")
+        if fired.is_set():  # cut off mid-headers, http.client may return what it had
+            raise EhrUnavailableError(late)
+        resp._content = bytes(body)  # the answer, read above; resp.json() / resp.text use it
+        return resp
 
     def _raise_for(self, resp: requests.Response, what: str) -> None:
         status = resp.status_code
         if 200 <= status < 300:
             return
+        if 300 <= status < 400:
+            location = resp.headers.get("Location")
+            raise EhrRedirectError(f"{what}: the EHR redirected (HTTP {status}) to {location or '(no Location)'}; "
+                                   "nothing was sent there", status=status, location=location)
         outcome = None
         try:
             body = resp.json()
@@ -181,7 +345,7 @@ class EhrClient:
             raise EhrUnavailableError(message, status=status, outcome=outcome,
                                       retry_after_s=parse_retry_after(resp.headers.get("Retry-After")))
         if status in (401, 403):
-            raise AuthenticationError(message)
+            raise EhrAuthRejectedError(message, status=status, outcome=outcome)
         raise EhrRejectedError(message, status=status, outcome=outcome)
 
     @staticmethod
@@ -203,20 +367,30 @@ class EhrClient:
     def capabilities(self) -> Capabilities:
         """Read ``/metadata`` once; refuse servers that are not FHIR R4 or lack transactions."""
         if self._capabilities is None:
-            resp = self._request("GET", f"{self.base_url}/metadata")
-            self._raise_for(resp, "GET /metadata")
+            try:
+                resp = self._request("GET", f"{self.base_url}/metadata")
+                self._raise_for(resp, "GET /metadata")
+            except DeliveryError as exc:
+                if exc.retryable or isinstance(exc, AuthenticationError):
+                    raise
+                raise EhrEndpointError(exc.message, status=getattr(exc, "status", None),
+                                       outcome=getattr(exc, "outcome", None),
+                                       hint="is fhir.base_url the FHIR R4 base?") from exc
             cs = self._json(resp, "GET /metadata")
             version = str(cs.get("fhirVersion", ""))
-            rest = [r for r in cs.get("rest", []) if r.get("mode", "server") == "server"] or [{}]
-            interactions = frozenset(i.get("code", "") for i in rest[0].get("interaction", []))
-            types = frozenset(r.get("type", "") for r in rest[0].get("resource", []))
-            soft = cs.get("software") or {}
+            rest = [r for r in _list(cs.get("rest")) if isinstance(r, dict) and r.get("mode", "server") == "server"]
+            server = rest[0] if rest else {}
+            interactions = frozenset(str(_dict(i).get("code", "")) for i in _list(server.get("interaction")))
+            types = frozenset(str(_dict(r).get("type", "")) for r in _list(server.get("resource")))
+            soft = _dict(cs.get("software"))
             caps = Capabilities(version, f"{soft.get('name', '?')} {soft.get('version', '')}".strip(),
                                 interactions, types)
             if not version.startswith("4.0"):
-                raise EhrRejectedError(f"the EHR speaks FHIR {version or '(unknown)'}; leuk-fhir sends R4 (4.0.x)")
+                raise EhrEndpointError(f"the EHR speaks FHIR {version or '(unknown)'}; leuk-fhir sends R4 (4.0.x)",
+                                       hint="is fhir.base_url the FHIR R4 base?")
             if interactions and "transaction" not in interactions:
-                raise EhrRejectedError("the EHR's CapabilityStatement does not list the transaction interaction")
+                raise EhrEndpointError("the EHR's CapabilityStatement does not list the transaction interaction",
+                                       hint="is fhir.base_url the FHIR R4 base?")
             self._capabilities = caps
         return self._capabilities
 
@@ -233,13 +407,26 @@ class EhrClient:
             raise EhrUnavailableError(
                 f"POST transaction answered a {body.get('resourceType')} ({body.get('type')}), "
                 "not a transaction-response Bundle", status=resp.status_code)
-        statuses = tuple(str((e.get("response") or {}).get("status", "")) for e in body.get("entry", []))
-        bad = [s for s in statuses if s[:1] != "2"]
-        if bad or len(statuses) != len(bundle.get("entry", [])):
-            raise EhrUnavailableError(
-                f"transaction-response has {len(statuses)} entries for {len(bundle.get('entry', []))} "
-                f"requests; non-2xx: {bad}", status=resp.status_code)
-        locations = tuple(str((e.get("response") or {}).get("location", "")) for e in body.get("entry", []))
+        entries = body.get("entry", [])  # FHIR leaves out empty lists
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("response"), dict)
+                and isinstance(e["response"].get("status"), str) for e in entries):
+            raise EhrUnavailableError("POST transaction: malformed transaction-response (every entry needs "
+                                      "a response with a status)", status=resp.status_code)
+        responses = [e["response"] for e in entries]
+        sent = _list(bundle.get("entry"))
+        if len(responses) != len(sent):
+            raise EhrUnavailableError(f"transaction-response has {len(responses)} entries for {len(sent)} "
+                                      "requests", status=resp.status_code)
+        for i, r in enumerate(responses):
+            if r["status"][:1] != "2":
+                rtype = _dict(_dict(sent[i]).get("resource")).get("resourceType", "?")
+                outcome = r.get("outcome") if isinstance(r.get("outcome"), dict) else None
+                raise EhrUnavailableError(
+                    f"transaction-response entry {i} ({rtype}) answered {r['status']}: "
+                    f"{_outcome_text(outcome) or 'no OperationOutcome'}", status=resp.status_code, outcome=outcome)
+        statuses = tuple(r["status"] for r in responses)
+        locations = tuple(str(r.get("location", "")) for r in responses)
         return TransactionResult(resp.status_code, body, statuses, locations)
 
     def search(self, resource_type: str, params: dict[str, str] | None = None) -> dict[str, Any]:
@@ -259,6 +446,6 @@ class EhrClient:
         """``POST [type]/$validate``; returns the OperationOutcome (errors do not raise)."""
         resp = self._request("POST", f"{self.base_url}/{resource['resourceType']}/$validate",
                              data=json.dumps(resource).encode("utf-8"), headers={"Content-Type": FHIR_JSON})
-        if resp.status_code >= 500 or resp.status_code in RETRYABLE_STATUS:
+        if resp.status_code >= 500 or resp.status_code in RETRYABLE_STATUS or 300 <= resp.status_code < 400:
             self._raise_for(resp, "$validate")
         return self._json(resp, "$validate")

@@ -5,12 +5,16 @@ returns only after the Bundle is on disk, so whoever is told "accepted" can rely
 Deliveries move ``pending -> sending -> delivered``, or to ``dead`` (a dead letter, keeping
 the server's OperationOutcome) when the EHR refuses in a way retrying cannot fix or when the
 attempts run out. A ``sending`` delivery whose lease expired (its sender crashed or was
-killed) is picked up again. Resending is safe: every Bundle is made of conditional creates /
-updates, so a send whose answer was lost creates nothing new the second time.
+killed) is picked up again; a live sender renews its lease while it sends, and only the lease
+owner can record the outcome. Resending is safe: every Bundle is made of conditional creates /
+updates, so a send whose answer was lost creates nothing new the second time. A delivery whose
+dependency (``depends_on``) became a dead letter becomes one too, and comes back with it on
+:meth:`Outbox.retry`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,13 +23,13 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from leuk_fhir.delivery.client import EhrClient
+from leuk_fhir.delivery.client import EhrClient, EhrEndpointError
 from leuk_fhir.errors import DeliveryError, InputError, NotFoundError
 from leuk_fhir.settings import OutboxSettings
 
@@ -53,6 +57,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_attempt_at);
 """
+
+#: SQL condition: delivery ``d`` has no dependency, or its dependency is delivered.
+_READY = ("(d.depends_on IS NULL OR EXISTS (SELECT 1 FROM deliveries p "
+          "WHERE p.key = d.depends_on AND p.status = 'delivered'))")
+_DEAD_DEPENDENCY = "depends on dead letter"
 
 
 class DeliveryStatus(StrEnum):
@@ -110,8 +119,11 @@ class Outbox:
     """The durable queue (see module docstring). Safe to share between threads and processes."""
 
     def __init__(self, path: Path | str, *, lease_s: float = 120.0, wal: bool = True,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, create: bool = True) -> None:
+        """Open (or, with ``create``, create) the outbox at ``path``."""
         self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise NotFoundError(f"no outbox at {self.path}", hint="check --outbox / the data directory")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.lease_s = lease_s
         self._clock = clock
@@ -180,6 +192,14 @@ class Outbox:
             raise NotFoundError(f"no delivery with key {key!r} in the outbox {self.path}")
         return _row(row, with_bundle=True)
 
+    def blocked(self) -> list[Delivery]:
+        """Pending deliveries waiting for a dependency that is not delivered (yet)."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join('d.' + c for c in _LIST_COLUMNS.split(', '))} "
+                                    f"FROM deliveries d WHERE d.status = 'pending' AND NOT {_READY} "
+                                    "ORDER BY d.id").fetchall()
+        return [_row(r) for r in rows]
+
     def list(self, status: DeliveryStatus | str | None = None, *, limit: int = 100,
              offset: int = 0) -> list[Delivery]:
         """Deliveries (without their Bundles), newest first; optionally of one status."""
@@ -194,14 +214,18 @@ class Outbox:
         return [_row(r) for r in rows]
 
     def stats(self) -> dict[str, Any]:
-        """Counts per status and the age of the oldest undelivered Bundle, in seconds."""
+        """Counts per status, ``blocked`` (pending, waiting for an undelivered dependency) and
+        the age of the oldest undelivered Bundle, in seconds."""
         with self._lock:
             rows = self._db.execute("SELECT status, COUNT(*) n FROM deliveries GROUP BY status").fetchall()
             oldest = self._db.execute(
                 "SELECT MIN(created_at) t FROM deliveries WHERE status IN ('pending', 'sending')"
             ).fetchone()["t"]
+            blocked = self._db.execute(
+                f"SELECT COUNT(*) FROM deliveries d WHERE d.status = 'pending' AND NOT {_READY}").fetchone()[0]
         out: dict[str, Any] = {s.value: 0 for s in DeliveryStatus}
         out.update({r["status"]: r["n"] for r in rows})
+        out["blocked"] = blocked
         out["oldest_pending_age_s"] = None if oldest is None else max(0.0, self._clock() - oldest)
         return out
 
@@ -211,27 +235,46 @@ class Outbox:
                 "SELECT COUNT(*) FROM deliveries WHERE status IN ('pending', 'sending')").fetchone()[0])
 
     def next_due_in(self) -> float | None:
-        """Seconds until the next pending delivery is due (0 if one is due now); None if none."""
+        """Seconds until the next delivery can be claimed (0: now); None if none can (deliveries
+        waiting for a dependency that is not pending or sending do not count)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT MIN(CASE status WHEN 'pending' THEN next_attempt_at ELSE lease_until END) t "
-                "FROM deliveries WHERE status IN ('pending', 'sending')").fetchone()
+                "SELECT MIN(CASE d.status WHEN 'pending' THEN d.next_attempt_at ELSE d.lease_until END) t "
+                f"FROM deliveries d WHERE d.status = 'sending' OR (d.status = 'pending' AND {_READY})").fetchone()
         return None if row["t"] is None else max(0.0, row["t"] - self._clock())
 
     # ------------------------------------------------------------------ operators
 
     def retry(self, delivery_id: int) -> Delivery:
-        """Resubmit a dead letter (or hurry a pending one): pending, due now, attempts reset."""
+        """Resubmit a dead letter (or hurry a pending one): pending, due now, attempts reset.
+        Deliveries that died only because they depend on this one are resubmitted with it."""
         now = self._clock()
         with self._tx() as db:
-            row = db.execute("SELECT status FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+            row = db.execute("SELECT key, status FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
             if row is None:
                 raise NotFoundError(f"no delivery {delivery_id} in the outbox {self.path}")
             if row["status"] in ("dead", "pending"):
                 db.execute(
                     "UPDATE deliveries SET status='pending', attempts=0, next_attempt_at=?, "
                     "updated_at=? WHERE id=?", (now, now, delivery_id))
+                db.execute(
+                    "UPDATE deliveries SET status='pending', attempts=0, next_attempt_at=?, updated_at=? "
+                    "WHERE depends_on = ? AND status = 'dead' AND last_error LIKE ?",
+                    (now, now, row["key"], f"{_DEAD_DEPENDENCY} %"))
         return self.get(delivery_id)
+
+    def _bury_orphans(self, db: sqlite3.Connection, now: float) -> None:
+        """Dead-letter pending deliveries whose dependency is a dead letter (transitively)."""
+        while True:
+            n = db.execute(
+                f"UPDATE deliveries SET status='dead', updated_at=:now, lease_until=NULL, last_status=NULL, "
+                f"last_error='{_DEAD_DEPENDENCY} ' || (SELECT p.id FROM deliveries p WHERE p.key = "
+                "deliveries.depends_on) || ' (' || depends_on || '); retry that one to resend both' "
+                "WHERE status = 'pending' AND depends_on IN (SELECT key FROM deliveries WHERE status = 'dead')",
+                {"now": now}).rowcount
+            if n <= 0:
+                return
+            log.warning("%d deliveries moved to dead letters: their dependency is a dead letter", n)
 
     # ------------------------------------------------------------------ the sender's side
 
@@ -240,12 +283,12 @@ class Outbox:
         now = self._clock()
         lease = self.lease_s if lease_s is None else lease_s
         with self._tx() as db:
+            self._bury_orphans(db, now)
             row = db.execute(
-                """SELECT id FROM deliveries d
+                f"""SELECT id FROM deliveries d
                    WHERE ((d.status = 'pending' AND d.next_attempt_at <= :now)
                           OR (d.status = 'sending' AND d.lease_until < :now))
-                     AND (d.depends_on IS NULL OR EXISTS (
-                          SELECT 1 FROM deliveries p WHERE p.key = d.depends_on AND p.status = 'delivered'))
+                     AND {_READY}
                    ORDER BY d.next_attempt_at, d.id LIMIT 1""", {"now": now}).fetchone()
             if row is None:
                 return None
@@ -255,30 +298,43 @@ class Outbox:
             full = db.execute("SELECT * FROM deliveries WHERE id = ?", (row["id"],)).fetchone()
         return _row(full, with_bundle=True)
 
-    def mark_delivered(self, delivery_id: int, *, status: int, response: dict[str, Any] | None) -> None:
-        now = self._clock()
-        with self._tx() as db:
-            db.execute(
-                "UPDATE deliveries SET status='delivered', delivered_at=?, updated_at=?, lease_until=NULL, "
-                "last_status=?, last_error=NULL, response=? WHERE id=?",
-                (now, now, status, json.dumps(response) if response is not None else None, delivery_id))
+    # The mark_* / renew / release updates apply only while ``owner`` holds the claim; they
+    # return False (and change nothing) when the lease was lost to another sender.
 
-    def mark_retry(self, delivery_id: int, *, delay_s: float, error: str, status: int | None) -> None:
-        now = self._clock()
+    def _owned(self, sql: str, args: tuple[Any, ...], delivery_id: int, owner: str) -> bool:
         with self._tx() as db:
-            db.execute(
-                "UPDATE deliveries SET status='pending', next_attempt_at=?, updated_at=?, lease_until=NULL, "
-                "last_status=?, last_error=? WHERE id=? AND status='sending'",
-                (now + delay_s, now, status, error[:2000], delivery_id))
+            n = db.execute(f"{sql} WHERE id=? AND status='sending' AND lease_owner=?",
+                           (*args, delivery_id, owner)).rowcount
+        return n == 1
 
-    def mark_dead(self, delivery_id: int, *, error: str, status: int | None,
-                  outcome: dict[str, Any] | None) -> None:
+    def renew(self, delivery_id: int, *, owner: str, lease_s: float | None = None) -> bool:
+        """Extend ``owner``'s lease (a long send in progress)."""
+        until = self._clock() + (self.lease_s if lease_s is None else lease_s)
+        return self._owned("UPDATE deliveries SET lease_until=?", (until,), delivery_id, owner)
+
+    def mark_delivered(self, delivery_id: int, *, owner: str, status: int, response: dict[str, Any] | None) -> bool:
         now = self._clock()
-        with self._tx() as db:
-            db.execute(
-                "UPDATE deliveries SET status='dead', updated_at=?, lease_until=NULL, last_status=?, "
-                "last_error=?, operation_outcome=? WHERE id=? AND status='sending'",
-                (now, status, error[:2000], json.dumps(outcome) if outcome else None, delivery_id))
+        return self._owned(
+            "UPDATE deliveries SET status='delivered', delivered_at=?, updated_at=?, lease_until=NULL, "
+            "last_status=?, last_error=NULL, response=?",
+            (now, now, status, json.dumps(response) if response is not None else None), delivery_id, owner)
+
+    def mark_retry(self, delivery_id: int, *, owner: str, delay_s: float, error: str, status: int | None,
+                   count_attempt: bool = True) -> bool:
+        """Back to pending, due in ``delay_s``; without ``count_attempt`` the attempt is given back."""
+        now = self._clock()
+        return self._owned(
+            "UPDATE deliveries SET status='pending', next_attempt_at=?, updated_at=?, lease_until=NULL, "
+            "last_status=?, last_error=?, attempts=attempts-?",
+            (now + delay_s, now, status, error[:2000], 0 if count_attempt else 1), delivery_id, owner)
+
+    def mark_dead(self, delivery_id: int, *, owner: str, error: str, status: int | None,
+                  outcome: dict[str, Any] | None) -> bool:
+        now = self._clock()
+        return self._owned(
+            "UPDATE deliveries SET status='dead', updated_at=?, lease_until=NULL, last_status=?, "
+            "last_error=?, operation_outcome=?",
+            (now, status, error[:2000], json.dumps(outcome) if outcome else None), delivery_id, owner)
 
 
 class _Tx:
@@ -314,7 +370,12 @@ def backoff_delay(attempts: int, settings: OutboxSettings, retry_after_s: float 
 
 
 class OutboxSender:
-    """Drains an :class:`Outbox` into an :class:`EhrClient`, one Bundle at a time."""
+    """Drains an :class:`Outbox` into an :class:`EhrClient`, one Bundle at a time.
+
+    When the endpoint itself is unusable (:class:`EhrEndpointError`: ``/metadata`` refused, not
+    FHIR R4) the claimed Bundle is put back without counting the attempt, the sender pauses with
+    back-off, and :meth:`drain` raises the error.
+    """
 
     def __init__(self, outbox: Outbox, client: EhrClient, settings: OutboxSettings, *,
                  owner: str | None = None, rng: random.Random | None = None) -> None:
@@ -325,6 +386,29 @@ class OutboxSender:
         self._rng = rng or random.Random()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: The last endpoint-level failure (None once a Bundle went through again).
+        self.endpoint_error: EhrEndpointError | None = None
+        self._endpoint_failures = 0
+        self._paused_until = 0.0
+
+    @contextlib.contextmanager
+    def _lease_kept(self, d: Delivery) -> Iterator[None]:
+        """Renew the lease on ``d`` every ``lease_s / 3`` while the body runs."""
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(self.settings.lease_s / 3):
+                if not self.outbox.renew(d.id, owner=self.owner, lease_s=self.settings.lease_s):
+                    log.warning("delivery %s: lease lost to another sender while sending", d.id)
+                    return
+
+        t = threading.Thread(target=renew, name=f"leuk-fhir-lease-{d.id}", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            done.set()
+            t.join()
 
     def send_one(self) -> Delivery | None:
         """Claim one due delivery and try to send it; returns its new state (None: nothing due)."""
@@ -332,47 +416,78 @@ class OutboxSender:
         if d is None:
             return None
         assert d.bundle is not None
+        kept = True
         try:
-            result = self.client.post_transaction(d.bundle)
+            with self._lease_kept(d):
+                result = self.client.post_transaction(d.bundle)
+        except EhrEndpointError as exc:
+            self.endpoint_error = exc
+            self._endpoint_failures += 1
+            delay = backoff_delay(self._endpoint_failures, self.settings, exc.retry_after_s, self._rng)
+            self._paused_until = time.monotonic() + delay
+            log.warning("EHR endpoint unusable, delivery %s put back (attempt not counted), pausing %.1f s: %s",
+                        d.id, delay, exc)
+            kept = self.outbox.mark_retry(d.id, owner=self.owner, delay_s=delay, error=f"not sent: {exc}",
+                                          status=exc.status, count_attempt=False)
         except DeliveryError as exc:
             status = getattr(exc, "status", None)
             outcome = getattr(exc, "outcome", None)
             if not exc.retryable:
                 log.warning("delivery %s (%s) rejected, moved to dead letters: %s", d.id, d.key, exc)
-                self.outbox.mark_dead(d.id, error=str(exc), status=status, outcome=outcome)
+                kept = self.outbox.mark_dead(d.id, owner=self.owner, error=str(exc), status=status, outcome=outcome)
             elif d.attempts >= self.settings.max_attempts:
                 log.warning("delivery %s (%s) gave up after %d attempts: %s", d.id, d.key, d.attempts, exc)
-                self.outbox.mark_dead(d.id, error=f"gave up after {d.attempts} attempts: {exc}",
-                                      status=status, outcome=outcome)
+                kept = self.outbox.mark_dead(d.id, owner=self.owner, error=f"gave up after {d.attempts} attempts: {exc}",
+                                             status=status, outcome=outcome)
             else:
                 delay = backoff_delay(d.attempts, self.settings, getattr(exc, "retry_after_s", None), self._rng)
                 log.info("delivery %s (%s) attempt %d failed, retrying in %.1f s: %s",
                          d.id, d.key, d.attempts, delay, exc)
-                self.outbox.mark_retry(d.id, delay_s=delay, error=str(exc), status=status)
-        except Exception as exc:  # a bug must not lose the Bundle: keep it pending
-            log.exception("unexpected error sending delivery %s", d.id)
-            self.outbox.mark_retry(d.id, delay_s=backoff_delay(d.attempts, self.settings, rng=self._rng),
-                                   error=f"internal error: {exc!r}", status=None)
+                kept = self.outbox.mark_retry(d.id, owner=self.owner, delay_s=delay, error=str(exc), status=status)
+        except Exception as exc:  # a bug must not lose the Bundle, nor resend it for ever
+            if d.attempts == 1:
+                log.exception("unexpected error sending delivery %s", d.id)
+            error = f"internal error: {exc!r}"
+            if d.attempts >= self.settings.max_attempts:
+                log.error("delivery %s (%s) gave up after %d attempts: %s", d.id, d.key, d.attempts, error)
+                kept = self.outbox.mark_dead(d.id, owner=self.owner, error=f"gave up after {d.attempts} attempts: "
+                                             f"{error}", status=None, outcome=None)
+            else:
+                log.error("delivery %s attempt %d: %s", d.id, d.attempts, error)
+                kept = self.outbox.mark_retry(d.id, owner=self.owner, error=error, status=None,
+                                              delay_s=backoff_delay(d.attempts, self.settings, rng=self._rng))
         else:
+            self.endpoint_error, self._endpoint_failures = None, 0
             entries = [{"status": s, "location": loc} for s, loc in zip(result.entry_statuses, result.locations, strict=False)]
-            self.outbox.mark_delivered(d.id, status=result.status, response={"entries": entries})
+            kept = self.outbox.mark_delivered(d.id, owner=self.owner, status=result.status,
+                                              response={"entries": entries})
             log.info("delivery %s (%s) delivered (%d created)", d.id, d.key, result.created)
+        if not kept:
+            log.warning("delivery %s: the lease passed to another sender; this outcome was not recorded", d.id)
         return self.outbox.get(d.id)
 
     def run_once(self, max_items: int | None = None) -> int:
-        """Send every delivery that is due now (at most ``max_items``); returns how many were tried."""
+        """Send every delivery that is due now (at most ``max_items``); returns how many were tried.
+        Sends nothing while paused after an endpoint failure."""
         n = 0
         while (max_items is None or n < max_items) and not self._stop.is_set():
-            if self.send_one() is None:
+            if time.monotonic() < self._paused_until or self.send_one() is None:
                 break
             n += 1
         return n
 
     def drain(self, timeout_s: float | None = None) -> dict[str, Any]:
-        """Send until nothing is pending or sending (waiting out back-offs), or ``timeout_s`` passes."""
+        """Send until nothing can be sent any more (waiting out back-offs), or ``timeout_s`` passes.
+
+        Deliveries waiting for a dependency that will never be delivered do not keep it going
+        (``stats()["blocked"]``). Raises :class:`EhrEndpointError` when the endpoint is unusable.
+        """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.endpoint_error, self._paused_until = None, 0.0
         while not self._stop.is_set():
             self.run_once()
+            if self.endpoint_error is not None:
+                raise self.endpoint_error
             wait = self.outbox.next_due_in()
             if wait is None:
                 break

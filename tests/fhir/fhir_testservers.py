@@ -6,7 +6,10 @@
   Retry-After, 401, a reply delayed past the client's timeout after HAPI processed the
   request, a dropped connection. HAPI cannot be made to answer these, hence this stand-in.
   It can be stopped and started on the same port to simulate an outage, and can require
-  bearer tokens issued by :class:`SmartAuthServer`.
+  bearer tokens issued by :class:`SmartAuthServer`. Faults that need no upstream answer the
+  transaction themselves: a canned JSON answer (``json``: malformed-but-valid JSON, oversized
+  bodies, slow answers), a redirect, or an answer dripped one byte at a time (``drip``).
+  ``routes`` answers other paths (``/metadata``, ``/token``, SMART discovery) with canned JSON.
 * :class:`SmartAuthServer` -- a real OAuth2 token endpoint: authlib's ``AuthorizationServer``
   in a small Flask app (served by werkzeug on loopback) with the client-credentials grant and
   RFC 7523 JWT client assertions checked against the client's registered public JWKS
@@ -47,13 +50,23 @@ def free_port() -> int:
 class Fault:
     """One injected failure. ``kind``: html-502 | html-200 | status (with ``status``) |
     truncated (forward, then cut the answer) | slow (forward, then answer after ``delay_s``) |
-    drop (forward, then close without answering) | refuse (close without forwarding)."""
+    drop (forward, then close without answering) | refuse (close without forwarding) |
+    json (answer ``status`` with ``body`` as JSON after ``delay_s``) | drip (the same answer,
+    status line included, one byte every ``delay_s``) | redirect (``status`` to ``location``)."""
 
     kind: str
     status: int = 500
     retry_after: str | None = None
     delay_s: float = 0.0
     outcome: dict[str, Any] | None = None
+    body: Any = None
+    location: str | None = None
+
+
+def transaction_response(n: int, status: str = "201 Created") -> dict[str, Any]:
+    """A well-formed transaction-response Bundle with ``n`` entries."""
+    return {"resourceType": "Bundle", "type": "transaction-response",
+            "entry": [{"response": {"status": status, "location": f"Patient/{i}/_history/1"}} for i in range(n)]}
 
 
 @dataclass
@@ -77,6 +90,8 @@ class FaultProxy:
         self.token_check = token_check
         self.smart_configuration = smart_configuration
         self.ssl_context = ssl_context
+        #: path (after /fhir) -> (status, JSON body): canned answers for non-transaction requests.
+        self.routes: dict[str, tuple[int, Any]] = {}
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._session = requests.Session()
@@ -135,12 +150,32 @@ class FaultProxy:
         h.end_headers()
         h.wfile.write(body)
 
+    def _canned(self, h: BaseHTTPRequestHandler, fault: Fault) -> None:
+        if fault.kind == "redirect":
+            return self._reply(h, fault.status, b"", "text/plain", {"Location": fault.location or "/"})
+        body = json.dumps(fault.body).encode()
+        if fault.kind == "json":
+            time.sleep(fault.delay_s)
+            return self._reply(h, fault.status, body, "application/fhir+json")
+        raw = (f"HTTP/1.1 {fault.status} OK\r\nContent-Type: application/fhir+json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        h.close_connection = True
+        with contextlib.suppress(OSError):
+            for i in range(len(raw)):
+                h.wfile.write(raw[i : i + 1])
+                h.wfile.flush()
+                time.sleep(fault.delay_s)
+        return None
+
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else b""
         path = h.path
         if path.startswith("/fhir"):
             path = path[len("/fhir"):]
+        if path in self.routes:
+            status, canned = self.routes[path]
+            return self._reply(h, status, json.dumps(canned).encode(), "application/fhir+json")
         if path.startswith("/.well-known/smart-configuration") and self.smart_configuration:
             return self._reply(h, 200, json.dumps(self.smart_configuration).encode(), "application/json")
         auth = h.headers.get("Authorization", "")
@@ -158,6 +193,8 @@ class FaultProxy:
                 fault = self.faults.popleft() if self.faults else None
                 if fault:
                     self.log.faults_applied.append(fault.kind)
+        if fault is not None and fault.kind in ("json", "drip", "redirect"):
+            return self._canned(h, fault)
         if fault is not None and fault.kind in ("html-502", "html-200", "status", "refuse"):
             if fault.kind == "refuse":
                 h.close_connection = True

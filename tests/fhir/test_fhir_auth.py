@@ -15,7 +15,7 @@ from leuk_fhir.delivery.auth import BasicAuth, BearerAuth, NoAuth
 from leuk_fhir.errors import AuthenticationError, ConfigurationError
 from leuk_fhir.settings import FhirSettings
 
-from .fhir_testservers import FaultProxy, SmartAuthServer  # type: ignore[import-not-found]
+from .fhir_testservers import FaultProxy, SmartAuthServer, free_port  # type: ignore[import-not-found]
 
 CLIENT_ID = "leuk-fhir-backend"
 
@@ -191,5 +191,27 @@ def test_tls_is_verified_and_a_custom_ca_bundle_is_honoured(tmp_path):
         assert caps.fhir_version == "4.0.1"
         with pytest.raises(ConfigurationError, match="ca_bundle"):
             EhrClient.from_settings(FhirSettings(base_url=proxy.base_url, ca_bundle=tmp_path / "missing.pem"))
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("route,answer", [
+    ("/.well-known/smart-configuration", (200, ["token_endpoint"])),
+    ("/token", (200, {"access_token": "t", "expires_in": None})),
+    ("/token", (200, {"access_token": "t", "expires_in": [3600]})),
+    ("/token", (200, {"access_token": ["t"], "expires_in": 3600})),
+    ("/token", (400, ["invalid_client"])),
+])
+def test_malformed_smart_answers_are_authentication_errors(rsa_key, route, answer):
+    proxy = FaultProxy(None, port=free_port()).start()
+    try:
+        proxy.routes[route] = answer
+        if route == "/token":
+            proxy.routes["/.well-known/smart-configuration"] = (200, {"token_endpoint": f"http://127.0.0.1:{proxy.port}/token"})
+        auth = SmartBackendAuth(client_id=CLIENT_ID, private_key_pem=pem(rsa_key), scope="system/Patient.c",
+                                fhir_base_url=proxy.base_url)
+        with pytest.raises(AuthenticationError, match="SMART token endpoint|token endpoint"):
+            EhrClient(proxy.base_url, auth).capabilities()
+        assert proxy.log.authorizations == [], "no request without a token"
     finally:
         proxy.stop()

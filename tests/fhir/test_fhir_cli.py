@@ -39,8 +39,8 @@ def test_outbox_commands_on_a_dead_letter(tmp_path, fhir_settings, capsys):
         code = main(["outbox", "drain", "--outbox", str(outbox), "--fhir-base", proxy.base_url, "--for", "10"])
     finally:
         proxy.stop()
-    assert code == 0
-    capsys.readouterr()
+    assert code == 7, "new dead letters make the drain fail"
+    assert "delivery 1" in capsys.readouterr().err
     assert main(["outbox", "list", "--outbox", str(outbox), "--status", "dead"]) == 0
     out = capsys.readouterr().out
     assert f"{rb.report_identifier}/report" in out and "dead" in out and "Profile violation" in out
@@ -51,6 +51,54 @@ def test_outbox_commands_on_a_dead_letter(tmp_path, fhir_settings, capsys):
     with Outbox(outbox) as ob:
         assert ob.get(1).status.value == "pending"
     assert main(["outbox", "show", "7", "--outbox", str(outbox)]) == 1
+
+
+def test_push_queue_under_a_taken_key_does_not_claim_it_queued(tmp_path, fhir_settings, capsys):
+    rb = build_report_bundle(make_findings(), fhir_settings, include_pdf=False)
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(rb.bundle))
+    corrected = json.loads(json.dumps(rb.bundle))
+    corrected["entry"][0]["fullUrl"] = "urn:uuid:00000000-0000-4000-8000-000000000000"
+    second.write_text(json.dumps(corrected))
+    outbox = tmp_path / "o.sqlite"
+    assert main(["push", str(first), "--queue", "--outbox", str(outbox)]) == 0
+    assert main(["push", str(first), "--queue", "--outbox", str(outbox)]) == 0  # same Bundle: idempotent
+    capsys.readouterr()
+    assert main(["push", str(second), "--queue", "--outbox", str(outbox)]) == 1
+    err = capsys.readouterr().err
+    assert "already in the outbox as delivery 1 (pending)" in err and "NOT queued" in err
+    with Outbox(outbox) as ob:
+        assert ob.get(1).bundle == rb.bundle
+
+
+def test_outbox_commands_refuse_a_missing_outbox(tmp_path, capsys):
+    missing = tmp_path / "sub" / "dir" / "outbx.sqlite"
+    for command in (["list"], ["show", "1"], ["retry", "--all-dead"],
+                    ["drain", "--fhir-base", "http://127.0.0.1:9/fhir"]):
+        assert main(["outbox", *command, "--outbox", str(missing)]) == 1
+        assert f"no outbox at {missing}" in capsys.readouterr().err
+    assert not (tmp_path / "sub").exists()
+
+
+def test_credentials_in_the_base_url_are_a_configuration_error(tmp_path, fhir_settings, capsys):
+    rb = build_report_bundle(make_findings(), fhir_settings, include_pdf=False)
+    f = tmp_path / "bundle.json"
+    f.write_text(json.dumps(rb.bundle))
+    assert main(["push", str(f), "--fhir-base", "http://svc:P4ssw0rd@127.0.0.1:9/fhir"]) == 2
+    err = capsys.readouterr().err
+    assert "must not contain credentials" in err and "P4ssw0rd" not in err
+
+
+def test_drain_names_deliveries_blocked_by_a_missing_dependency(tmp_path, capsys):
+    outbox = tmp_path / "o.sqlite"
+    with Outbox(outbox) as ob:
+        ob.enqueue("x/sign-off", {"resourceType": "Bundle", "type": "transaction"}, "sign-off", depends_on="x/report")
+    proxy = FaultProxy(None).start()
+    try:
+        assert main(["outbox", "drain", "--outbox", str(outbox), "--fhir-base", proxy.base_url, "--for", "30"]) == 6
+    finally:
+        proxy.stop()
+    assert "delivery 1 (x/sign-off) is blocked: it waits for 'x/report'" in capsys.readouterr().err
 
 
 @pytest.mark.hapi

@@ -8,15 +8,29 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import threading
+import time
 
 import pytest
 
-from leuk_fhir.delivery import DeliveryStatus, EhrClient, Outbox, OutboxSender, backoff_delay
-from leuk_fhir.delivery.client import parse_retry_after
-from leuk_fhir.errors import InputError, NotFoundError
+from leuk_fhir.delivery import (
+    DeliveryStatus,
+    EhrClient,
+    EhrUnavailableError,
+    Outbox,
+    OutboxSender,
+    backoff_delay,
+)
+from leuk_fhir.delivery.client import EhrEndpointError, EhrRedirectError, parse_retry_after
+from leuk_fhir.errors import ConfigurationError, InputError, NotFoundError
 from leuk_fhir.settings import OutboxSettings
 
-from .fhir_testservers import Fault, FaultProxy, free_port  # type: ignore[import-not-found]
+from .fhir_testservers import (  # type: ignore[import-not-found]
+    Fault,
+    FaultProxy,
+    free_port,
+    transaction_response,
+)
 
 BUNDLE = {"resourceType": "Bundle", "type": "transaction", "entry": []}
 
@@ -70,7 +84,7 @@ def test_depends_on_waits_for_the_report(tmp_path):
         d = ob.claim("s")
         assert d is not None and d.id == report
         assert ob.claim("s") is None  # the alert waits
-        ob.mark_delivered(report, status=200, response=None)
+        assert ob.mark_delivered(report, owner="s", status=200, response=None)
         d2 = ob.claim("s")
         assert d2 is not None and d2.id == alert
 
@@ -171,3 +185,213 @@ def test_background_thread_start_stop(tmp_path, proxy):
             time.sleep(0.02)
         sender.stop()
         assert ob.stats()["dead"] == 1
+
+
+OUTCOME = {"resourceType": "OperationOutcome", "issue": [
+    {"severity": "error", "code": "forbidden", "diagnostics": "scope system/Patient.c missing"}]}
+
+
+# ---------------------------------------------------------------- D1: redirects
+
+
+@pytest.mark.parametrize("status", [301, 307, 308])
+def test_redirects_are_never_followed(proxy, status):
+    elsewhere = FaultProxy(None).start()
+    try:
+        elsewhere.inject(Fault("json", 200, body=transaction_response(0)))
+        proxy.inject(Fault("redirect", status, location=elsewhere.base_url))
+        with pytest.raises(EhrRedirectError, match=f"HTTP {status}.*{elsewhere.base_url}") as err:
+            EhrClient(proxy.base_url).post_transaction(BUNDLE)
+        assert "fhir.base_url" in str(err.value) and err.value.location == elsewhere.base_url
+        assert elsewhere.log.authorizations == [], "nothing may reach the other host"
+    finally:
+        elsewhere.stop()
+
+
+def test_a_permanent_redirect_is_a_dead_letter_naming_the_location(tmp_path, proxy):
+    with Outbox(tmp_path / "o.sqlite") as ob:
+        ob.enqueue("k", BUNDLE)
+        proxy.inject(Fault("redirect", 308, location="http://127.0.0.1:9/other"), Fault("redirect", 307))
+        sender = sender_for(ob, proxy.base_url)
+        d = sender.send_one()
+        assert d is not None and d.status is DeliveryStatus.DEAD and d.last_status == 308
+        assert "http://127.0.0.1:9/other" in (d.last_error or "") and "update fhir.base_url" in (d.last_error or "")
+        ob.retry(d.id)
+        d = sender.send_one()
+        assert d is not None and d.status is DeliveryStatus.PENDING and d.last_status == 307
+
+
+# ---------------------------------------------------------------- D2: malformed answers
+
+
+@pytest.mark.parametrize("entry", [None, [1, 2], ["x"], [{"response": "201 Created"}], [{"response": {"status": 201}}],
+                                   [{"response": None}]])
+def test_malformed_transaction_response_is_a_typed_error(proxy, entry):
+    proxy.inject(Fault("json", 200, body={"resourceType": "Bundle", "type": "transaction-response", "entry": entry}))
+    with pytest.raises(EhrUnavailableError, match="malformed transaction-response"):
+        EhrClient(proxy.base_url).post_transaction(BUNDLE)
+
+
+def test_malformed_capability_statement_is_a_typed_error(proxy):
+    proxy.routes["/metadata"] = (200, {"resourceType": "CapabilityStatement", "fhirVersion": "4.0.1",
+                                       "rest": [1, {"interaction": "x", "resource": [None]}], "software": "x"})
+    assert EhrClient(proxy.base_url).capabilities().fhir_version == "4.0.1"
+
+
+class BrokenClient(EhrClient):
+    """A client with a bug: an unexpected exception cannot be provoked over HTTP any more."""
+
+    def post_transaction(self, bundle):
+        raise RuntimeError("bug in the client")
+
+
+def test_internal_errors_respect_max_attempts(tmp_path):
+    with Outbox(tmp_path / "o.sqlite") as ob:
+        did = ob.enqueue("k", BUNDLE)
+        settings = OutboxSettings(max_attempts=3, backoff_initial_s=0.01, backoff_max_s=0.02, poll_interval_s=0.01)
+        OutboxSender(ob, BrokenClient("http://127.0.0.1:9/fhir"), settings).drain(timeout_s=10)
+        d = ob.get(did)
+        assert d.status is DeliveryStatus.DEAD and d.attempts == 3
+        assert "gave up after 3 attempts: internal error" in (d.last_error or "") and "bug" in (d.last_error or "")
+
+
+# ---------------------------------------------------------------- D3: deadline and lease
+
+
+def test_total_deadline_bounds_an_answer_dripped_byte_by_byte(proxy):
+    proxy.inject(Fault("drip", 200, body=transaction_response(0), delay_s=0.05))  # ~9 s in all
+    t0 = time.monotonic()
+    with pytest.raises(EhrUnavailableError, match="no complete answer within 1 s"):
+        EhrClient(proxy.base_url, timeout_s=1).post_transaction(BUNDLE)
+    assert time.monotonic() - t0 < 3
+
+
+def test_only_the_lease_owner_records_the_outcome(tmp_path):
+    clock = Clock()
+    with Outbox(tmp_path / "o.sqlite", lease_s=30, clock=clock) as ob:
+        did = ob.enqueue("k", BUNDLE)
+        assert ob.claim("a") is not None
+        clock.t += 31  # a is stuck; its lease expires and b takes over
+        assert ob.claim("b") is not None
+        assert not ob.renew(did, owner="a")
+        assert not ob.mark_delivered(did, owner="a", status=200, response=None)
+        assert not ob.mark_retry(did, owner="a", delay_s=0, error="late", status=500)
+        assert not ob.mark_dead(did, owner="a", error="late", status=400, outcome=None)
+        d = ob.get(did)
+        assert d.status is DeliveryStatus.SENDING and d.last_error is None
+        assert ob.mark_delivered(did, owner="b", status=200, response=None)
+        assert ob.get(did).status is DeliveryStatus.DELIVERED
+
+
+def test_the_lease_is_renewed_while_a_slow_send_is_in_flight(tmp_path, proxy):
+    with Outbox(tmp_path / "o.sqlite") as ob:
+        did = ob.enqueue("k", BUNDLE)
+        proxy.inject(Fault("json", 200, body=transaction_response(0), delay_s=2.0))
+        settings = OutboxSettings(max_attempts=3, backoff_initial_s=0.01, backoff_max_s=0.05, lease_s=0.6)
+        sender = OutboxSender(ob, EhrClient(proxy.base_url, timeout_s=5), settings)
+        worker = threading.Thread(target=sender.send_one)
+        worker.start()
+        time.sleep(1.3)  # two leases later: the send is still in flight
+        assert ob.claim("intruder", 0.6) is None
+        worker.join()
+        assert ob.get(did).status is DeliveryStatus.DELIVERED and proxy.log.transactions == 1
+
+
+# ---------------------------------------------------------------- D5: dependencies on dead letters
+
+
+def test_a_dependant_of_a_dead_letter_dies_with_it_and_comes_back_with_it(tmp_path, proxy):
+    with Outbox(tmp_path / "o.sqlite") as ob:
+        report = ob.enqueue("r/report", BUNDLE)
+        alert = ob.enqueue("r/communication", BUNDLE, "communication", depends_on="r/report")
+        proxy.inject(Fault("status", 422))
+        t0 = time.monotonic()
+        stats = sender_for(ob, proxy.base_url).drain(timeout_s=20)
+        assert time.monotonic() - t0 < 5
+        assert stats["dead"] == 2 and stats["pending"] == 0
+        d = ob.get(alert)
+        assert d.status is DeliveryStatus.DEAD and d.attempts == 0
+        assert f"depends on dead letter {report} (r/report)" in (d.last_error or "")
+        ob.retry(report)
+        assert ob.get(alert).status is DeliveryStatus.PENDING
+
+
+def test_drain_stops_when_only_blocked_deliveries_remain(tmp_path, proxy):
+    with Outbox(tmp_path / "o.sqlite") as ob:
+        orphan = ob.enqueue("x/sign-off", BUNDLE, "sign-off", depends_on="x/report")  # never enqueued
+        t0 = time.monotonic()
+        stats = sender_for(ob, proxy.base_url).drain(timeout_s=20)
+        assert time.monotonic() - t0 < 2, "drain must not spin until its timeout"
+        assert stats["pending"] == 1 and stats["blocked"] == 1
+        assert [d.id for d in ob.blocked()] == [orphan] and ob.next_due_in() is None
+
+
+# ---------------------------------------------------------------- D6: endpoint-level failures
+
+
+@pytest.mark.parametrize("metadata", [
+    (404, {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-found"}]}),
+    (200, {"resourceType": "CapabilityStatement", "fhirVersion": "5.0.0"}),
+])
+def test_an_unusable_endpoint_uses_no_attempts(tmp_path, proxy, metadata):
+    with Outbox(tmp_path / "o.sqlite") as ob:
+        ids = [ob.enqueue(f"k{i}", BUNDLE) for i in range(3)]
+        proxy.routes["/metadata"] = metadata
+        sender = sender_for(ob, proxy.base_url, max_attempts=1)
+        with pytest.raises(EhrEndpointError, match="fhir.base_url"):
+            sender.drain(timeout_s=10)
+        ds = [ob.get(did) for did in ids]
+        assert all(d.status is DeliveryStatus.PENDING and d.attempts == 0 for d in ds)
+        assert "not sent" in (ds[0].last_error or ""), "the one claimed says why"
+        assert proxy.log.transactions == 0
+        assert sender.run_once() == 0, "the sender pauses"
+        del proxy.routes["/metadata"]  # the endpoint is fixed
+        proxy.inject(*[Fault("json", 200, body=transaction_response(0))] * 3)
+        sender.client._capabilities = None
+        assert sender.drain(timeout_s=10)["delivered"] == 3
+
+
+# ---------------------------------------------------------------- D7, D8, D9
+
+
+def test_an_oversized_answer_is_refused(proxy):
+    proxy.inject(Fault("json", 200, body={"resourceType": "Bundle", "pad": "x" * 20_000}))
+    with pytest.raises(EhrUnavailableError, match="exceeds 4096 bytes"):
+        EhrClient(proxy.base_url, max_response_bytes=4096).post_transaction(BUNDLE)
+
+
+def test_credentials_in_the_base_url_are_refused_and_not_shown():
+    with pytest.raises(ConfigurationError, match="credentials") as err:
+        EhrClient("https://svc:P4ssw0rd@ehr.example.org/fhir")
+    assert "P4ssw0rd" not in str(err.value) and "fhir.username" in str(err.value)
+
+
+@pytest.mark.parametrize("faults,status", [([Fault("status", 403, outcome=OUTCOME)], 403),
+                                           ([Fault("status", 401, outcome=OUTCOME)] * 2, 401)])
+def test_auth_dead_letters_keep_status_and_operation_outcome(tmp_path, proxy, faults, status):
+    with Outbox(tmp_path / "o.sqlite") as ob:
+        ob.enqueue("k", BUNDLE)
+        proxy.inject(*faults)
+        d = sender_for(ob, proxy.base_url, max_attempts=1).send_one()
+        assert d is not None and d.status is DeliveryStatus.DEAD
+        assert d.last_status == status and d.operation_outcome == OUTCOME and "scope" in (d.last_error or "")
+
+
+def test_a_failing_entry_is_named_with_its_outcome(tmp_path, proxy):
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Observation"}, "request": {"method": "POST", "url": "Observation"}}]}
+    answer = transaction_response(2)
+    answer["entry"][1]["response"] = {"status": "422 Unprocessable Entity", "outcome": OUTCOME}
+    with Outbox(tmp_path / "o.sqlite") as ob:
+        ob.enqueue("k", bundle)
+        proxy.inject(Fault("json", 200, body=answer))
+        d = sender_for(ob, proxy.base_url, max_attempts=1).send_one()
+        assert d is not None and d.status is DeliveryStatus.DEAD and d.operation_outcome == OUTCOME
+        assert "entry 1 (Observation) answered 422" in (d.last_error or "") and "scope" in (d.last_error or "")
+
+
+def test_outbox_without_create_refuses_a_missing_file(tmp_path):
+    with pytest.raises(NotFoundError, match="no outbox"):
+        Outbox(tmp_path / "sub" / "typo.sqlite", create=False)
+    assert not (tmp_path / "sub").exists()
