@@ -9,6 +9,7 @@ import numpy as np
 
 from leuk_fhir.acquisition import Level, Tile
 from leuk_fhir.errors import ImageTooLargeError, InputError
+from leuk_fhir.sample_depth import deep_to_uint8
 
 
 def to_rgb_uint8(array: np.ndarray, bits_stored: int | None = None) -> np.ndarray:
@@ -27,11 +28,7 @@ def to_rgb_uint8(array: np.ndarray, bits_stored: int | None = None) -> np.ndarra
             scale = 255.0 / top if top > 1.0 else 255.0
             arr = np.clip(np.nan_to_num(arr) * scale, 0, 255).astype(np.uint8)
         else:
-            bits = bits_stored or (arr.dtype.itemsize * 8)
-            if np.issubdtype(arr.dtype, np.signedinteger):
-                arr = np.clip(arr, 0, None)
-            shift = max(bits - 8, 0)
-            arr = np.clip(arr.astype(np.uint32) >> shift, 0, 255).astype(np.uint8)
+            arr = deep_to_uint8(arr, bits_stored)  # the rule training uses too
     channels = arr.shape[2]
     if channels == 1:
         return np.repeat(arr, 3, axis=2)
@@ -53,7 +50,7 @@ def check_pixel_limit(width: int, height: int, max_pixels: int, what: str) -> No
         raise InputError(f"{what} has empty pixel dimensions {width} x {height}")
     if width * height > max_pixels:
         raise ImageTooLargeError(
-            f"{what}: {width} x {height} pixels is above the limit of {max_pixels:,}",
+            f"{what}: {width} x {height} px is above the limit image.max_pixels={max_pixels:,}",
             hint="raise image.max_pixels, or read it tile by tile",
         )
 

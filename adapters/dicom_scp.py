@@ -8,13 +8,16 @@ study has received nothing for ``study_idle_s`` seconds.
 
 Refusals: an unknown calling AE title is rejected at association (A-ASSOCIATE-RJ, "calling AE
 title not recognised"); SOP classes and transfer syntaxes we cannot read are rejected at
-presentation-context negotiation; a bad instance gets the error's ``dicom_status`` with an
-Error Comment naming the problem.
+presentation-context negotiation; a bad instance (no Study Instance UID, a SOP Instance UID
+other than the command's, undecodable first frame, too large, other content already received
+under its SOP Instance UID, ...) gets the error's ``dicom_status`` with an Error Comment naming
+the problem, and nothing is spooled.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import threading
 import time
@@ -23,13 +26,20 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 
 from leuk_fhir.acquisition import DicomReference
-from leuk_fhir.adapters.dicom_files import validate_dicom
+from leuk_fhir.adapters.dicom_files import check_first_frame, inflate_dataset, validate_dicom
 from leuk_fhir.adapters.dicom_metadata import ACCEPTED_SOP_CLASSES, dicom_reference
 from leuk_fhir.adapters.plugins import TRANSFER_SYNTAX_PACKAGES, decoder_available
 from leuk_fhir.adapters.spool import durable_write, safe_uid, spool_path
-from leuk_fhir.errors import ConfigurationError, ImageTooLargeError, LeukFhirError
+from leuk_fhir.errors import (
+    ConfigurationError,
+    ImageTooLargeError,
+    InvalidImageError,
+    LeukFhirError,
+    QueueFullError,
+)
 from leuk_fhir.settings import DicomSettings, ImageSettings
 
 DEFAULT_IMAGE_SETTINGS = ImageSettings()
@@ -169,22 +179,50 @@ class CStoreReceiver:
             event.assoc.requestor.ae_title,
         )
 
+    def _dataset(self, event: Any) -> Dataset:
+        """The received data set, size-checked before it is decoded (a Deflated one inflated
+        within ``max_bytes``)."""
+        raw = event.request.DataSet.getvalue()
+        limit = self.image_settings.max_bytes
+        if len(raw) > limit:
+            raise ImageTooLargeError(f"instance is {len(raw):,} bytes, above {limit:,}")
+        if event.context.transfer_syntax.is_deflated:
+            body = inflate_dataset(raw, limit, "instance")
+            ds = read_dataset(io.BytesIO(body), is_implicit_VR=False, is_little_endian=True)
+        else:
+            ds = event.dataset
+        ds.file_meta = event.file_meta
+        return ds
+
+    @staticmethod
+    def _reference(ds: Dataset, command_uid: str, calling: str) -> DicomReference:
+        """The instance's reference, its SOP Instance UID the command's; refuses an instance
+        without Study Instance UID or whose data set names another SOP Instance UID."""
+        ref = dicom_reference(ds, calling)
+        if not command_uid:
+            raise InvalidImageError("no Affected SOP Instance UID in the C-STORE request")
+        if ref.sop_instance_uid and ref.sop_instance_uid != command_uid:
+            raise InvalidImageError(
+                "SOP Instance UID (0008,0018) differs from the C-STORE request's"
+            )
+        if not ref.study_uid:
+            raise InvalidImageError(
+                "no Study Instance UID (0020,000D): not pooled with other instances"
+            )
+        return dataclasses.replace(ref, sop_instance_uid=command_uid)
+
     def _handle_store(self, event: Any) -> Dataset | int:
         calling = str(event.assoc.requestor.ae_title).strip()
-        sop_uid = ""
+        sop_uid = str(event.request.AffectedSOPInstanceUID or "").strip()
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
-            sop_uid = str(ds.get("SOPInstanceUID", ""))
+            ds = self._dataset(event)
+            ref = self._reference(ds, sop_uid, calling)
             validate_dicom(ds, self.image_settings, name="instance")
-            data = event.encoded_dataset()
-            if len(data) > self.image_settings.max_bytes:
-                raise ImageTooLargeError(
-                    f"instance is {len(data):,} bytes, above {self.image_settings.max_bytes:,}"
-                )
-            ref = dicom_reference(ds, calling)
+            check_first_frame(ds, "instance")
             path = durable_write(
-                spool_path(self.spool_dir, ref.study_uid, ref.sop_instance_uid), data
+                spool_path(self.spool_dir, ref.study_uid, ref.sop_instance_uid),
+                event.encoded_dataset(),
+                refuse_different=True,
             )
         except LeukFhirError as exc:
             self.stats["refused"] += 1
@@ -206,7 +244,8 @@ class CStoreReceiver:
             log.warning(
                 "instance %s stored at %s but not queued: %s", ref.sop_instance_uid, path, exc
             )
-            return _status(exc.dicom_status, str(exc))
+            # The comment keeps the reason: the file name (the long UID) becomes "instance".
+            return _status(exc.dicom_status, str(exc).replace(path.name, "instance"))
         except Exception as exc:
             self.stats["callback_errors"] += 1
             log.exception("instance %s stored at %s but not queued", ref.sop_instance_uid, path)
@@ -231,8 +270,19 @@ class CStoreReceiver:
                 del self._pending[uid]
         for uid, ref in ready:
             study_ref = dataclasses.replace(ref, sop_instance_uid=None, series_uid=None)
+            folder = self.spool_dir / safe_uid(uid)
             try:
-                self.on_instance(self.spool_dir / safe_uid(uid), study_ref)
+                self.on_instance(folder, study_ref)
+            except QueueFullError as exc:  # retried after the next idle period, not dropped
+                if force:
+                    log.error("study %s stays spooled in %s, not queued: %s", uid, folder, exc)
+                    continue
+                log.warning("study %s not queued yet, will retry: %s", uid, exc)
+                with self._lock:
+                    self._pending.setdefault(uid, (time.monotonic(), ref))
+            except LeukFhirError as exc:
+                self.stats["callback_errors"] += 1
+                log.error("study %s (%s) acknowledged but not analysed: %s", uid, folder, exc)
             except Exception:
                 self.stats["callback_errors"] += 1
-                log.exception("study %s spooled but not queued", uid)
+                log.exception("study %s (%s) acknowledged but not analysed", uid, folder)

@@ -28,10 +28,16 @@ from leuk_fhir.adapters.dicom_metadata import (
 )
 from leuk_fhir.adapters.images import MEDIA_TYPES, PillowPixelSource
 from leuk_fhir.adapters.slides import OpenSlidePixelSource, WsiDicomPixelSource, openslide_format
-from leuk_fhir.errors import InputError, InvalidImageError, UnsupportedFormatError
+from leuk_fhir.errors import (
+    ImageTooLargeError,
+    InputError,
+    InvalidImageError,
+    UnsupportedFormatError,
+)
 from leuk_fhir.settings import ImageSettings
 
 DEFAULT_IMAGE_SETTINGS = ImageSettings()
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
 #: An image no larger than this on its longer side is taken as one cropped cell
 #: (PBC single-cell images are 360 x 363; BCCD smear fields are 640 x 480).
 CELL_MAX_SIDE_PX = 512
@@ -58,7 +64,7 @@ def sniff_format(path: Path) -> str:
         with path.open("rb") as fh:
             head = fh.read(132)
     except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc}") from exc
+        raise InputError(f"cannot read {path.name}: {exc.strerror or exc}") from exc
     if not head:
         raise InvalidImageError(f"{path.name} is empty")
     if is_dicom_bytes(head):
@@ -128,12 +134,10 @@ def open_acquisition(
     if path.is_dir():
         return _open_dicom_directory(path, image_settings, transport, scope, calling_ae_title)
     if not path.is_file():
-        raise InputError(f"{path} does not exist or is not a file")
+        raise InputError(f"{path.name} does not exist or is not a file")
     size = path.stat().st_size
     if size > image_settings.max_bytes and not _maybe_slide(path):
-        raise InputError(
-            f"{path.name} is {size:,} bytes, above the limit of {image_settings.max_bytes:,}"
-        )
+        raise _too_large(path.name, size, image_settings)
     fmt = sniff_format(path)
     if fmt == "dicom":
         return _open_dicom_file(path, image_settings, transport, scope, calling_ae_title)
@@ -165,13 +169,20 @@ def open_acquisition(
 
 
 def _maybe_slide(path: Path) -> bool:
-    """Whole slides may exceed max_bytes: they are read tile by tile."""
+    """Whole slides may exceed max_bytes: they are read tile by tile (DICOM: checked once its
+    SOP class is known, in :func:`_open_dicom_file`)."""
     try:
         with path.open("rb") as fh:
             head = fh.read(132)
     except OSError:
         return False
     return head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") or is_dicom_bytes(head)
+
+
+def _too_large(name: str, size: int, image_settings: ImageSettings) -> ImageTooLargeError:
+    return ImageTooLargeError(
+        f"{name} is {size:,} bytes, above the limit image.max_bytes={image_settings.max_bytes:,}"
+    )
 
 
 def _open_dicom_file(
@@ -181,7 +192,7 @@ def _open_dicom_file(
     scope: Scope | None,
     calling_ae_title: str | None,
 ) -> Acquisition:
-    ds = read_dicom(path, name=path.name, defer_pixels=True)
+    ds = read_dicom(path, name=path.name, defer_pixels=True, max_bytes=image_settings.max_bytes)
     if str(ds.get("SOPClassUID", "")) == VL_WHOLE_SLIDE_MICROSCOPY:
         return open_dicom_slide(
             [path],
@@ -189,7 +200,10 @@ def _open_dicom_file(
             transport=transport,
             calling_ae_title=calling_ae_title,
         )
-    validate_dicom(ds, image_settings, name=path.name, file_size=path.stat().st_size)
+    size = path.stat().st_size
+    if size > image_settings.max_bytes:
+        raise _too_large(path.name, size, image_settings)
+    validate_dicom(ds, image_settings, name=path.name, file_size=size)
     pixels = DicomFramePixelSource(path, ds, image_settings.max_pixels)
     ref = dicom_reference(ds, calling_ae_title)
     digest = _sha256(path)
@@ -241,7 +255,7 @@ def open_dicom_slide(
     ref = dicom_reference(ds, calling_ae_title)
     ref = dataclasses.replace(ref, sop_instance_uid=None) if len(paths) > 1 else ref
     return Acquisition(
-        source_id=ref.study_uid + (f"/{ref.series_uid}" if ref.series_uid else ""),
+        source_id="/".join(u for u in (ref.study_uid, ref.series_uid) if u) or _sha256(paths[0]),
         pixels=pixels,
         scope=Scope.SLIDE,
         transport=transport,
@@ -294,14 +308,17 @@ def _open_dicom_directory(
         for p in folder.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
-    dicoms = []
+    headers = []
     for p in files:
         with p.open("rb") as fh:
-            if is_dicom_bytes(fh.read(132)):
-                dicoms.append(p)
-    if not dicoms:
-        raise InvalidImageError(f"{folder} holds no DICOM files")
-    headers = [(p, read_dicom(p, name=p.name, defer_pixels=True)) for p in dicoms]
+            if not is_dicom_bytes(fh.read(132)):
+                continue
+        ds = read_dicom(p, name=p.name, defer_pixels=True, max_bytes=image_settings.max_bytes)
+        if str(getattr(ds.file_meta, "MediaStorageSOPClassUID", "")) != MEDIA_STORAGE_DIRECTORY:
+            headers.append((p, ds))  # a DICOMDIR (CD/DVD export) only indexes the others
+    if not headers:
+        raise InvalidImageError(f"{folder.name} holds no DICOM images")
+    _check_one_patient_study(folder.name, [ds for _, ds in headers])
     if any(str(ds.get("SOPClassUID", "")) == VL_WHOLE_SLIDE_MICROSCOPY for _, ds in headers):
         return open_dicom_slide(
             [p for p, _ in headers],
@@ -311,12 +328,7 @@ def _open_dicom_directory(
         )
     if len(headers) == 1:
         return _open_dicom_file(headers[0][0], image_settings, transport, scope, calling_ae_title)
-    headers.sort(
-        key=lambda h: (
-            str(h[1].get("SeriesInstanceUID", "")),
-            int(h[1].get("InstanceNumber", 0) or 0),
-        )
-    )
+    headers.sort(key=lambda h: (str(h[1].get("SeriesInstanceUID", "")), _order(h[1])))
     sources = []
     for p, ds in headers:
         validate_dicom(ds, image_settings, name=p.name, file_size=p.stat().st_size)
@@ -329,3 +341,29 @@ def _open_dicom_directory(
         first, ref, pixels, source_id=ref.study_uid, filename=folder.name,
         transport=transport, scope=scope,
     )
+
+
+def _order(ds: Any) -> tuple[int, int]:
+    """Sort key by InstanceNumber (0 when absent); a malformed one sorts last (it only orders)."""
+    try:
+        return (0, int(ds.get("InstanceNumber", 0) or 0))
+    except (TypeError, ValueError, OverflowError):
+        return (1, 0)
+
+
+def _check_one_patient_study(name: str, headers: Sequence[Any]) -> None:
+    """Refuse a folder whose instances are not all of one patient and one identified study:
+    never attribute one patient's frames to another."""
+    keys = {
+        tuple(str(ds.get(k, "") or "").strip() for k in ("PatientID", "IssuerOfPatientID",
+                                                          "StudyInstanceUID"))
+        for ds in headers
+    }  # fmt: skip
+    if len(keys) > 1:
+        raise InvalidImageError(
+            f"{name} mixes instances of different patients or studies: not one acquisition"
+        )
+    if len(headers) > 1 and not next(iter(keys))[2]:
+        raise InvalidImageError(
+            f"{name}: instances without Study Instance UID (0020,000D) are not pooled"
+        )

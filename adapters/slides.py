@@ -112,9 +112,12 @@ class WsiDicomPixelSource(TiledPixelSource):
         self.first_dataset = read_dicom(Path(paths[0]), defer_pixels=True)
 
     def _read(self, x: int, y: int, width: int, height: int, level: int, frame: int) -> np.ndarray:
-        arr = self._slide.read_region(
-            (x, y), self._wsi_levels[level], (width, height), as_array=True
-        )
+        try:
+            arr = self._slide.read_region(
+                (x, y), self._wsi_levels[level], (width, height), as_array=True
+            )
+        except Exception as exc:  # a damaged tile: imagecodecs, Pillow, wsidicom errors
+            raise InvalidImageError(f"slide region could not be decoded: {exc}") from exc
         return to_rgb_uint8(arr)
 
     def close(self) -> None:

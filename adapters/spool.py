@@ -9,11 +9,16 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 import uuid
 from pathlib import Path
 
+from leuk_fhir.errors import InputError
+
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 INCOMING = ".incoming"
+#: Serialises the compare-and-rename of :func:`durable_write` with ``refuse_different``.
+_RENAME_LOCK = threading.Lock()
 
 
 def safe_uid(uid: str | None) -> str:
@@ -37,8 +42,20 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def durable_write(target: Path, data: bytes) -> Path:
-    """Write ``data`` to ``target`` atomically and durably; returns ``target``."""
+def _same_content(path: Path, data: bytes) -> bool:
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except FileNotFoundError:
+        return True  # gone meanwhile (e.g. taken over for analysis): nothing to lose
+
+
+def durable_write(target: Path, data: bytes, *, refuse_different: bool = False) -> Path:
+    """Write ``data`` to ``target`` atomically and durably; returns ``target``.
+
+    With ``refuse_different``, an existing ``target`` with other content is kept and
+    :class:`~leuk_fhir.errors.InputError` raised: identical re-sends stay idempotent, but a
+    different instance under a name already used is never silently overwritten.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     incoming = target.parent / INCOMING
@@ -49,7 +66,14 @@ def durable_write(target: Path, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        with _RENAME_LOCK:
+            if refuse_different and target.exists() and not _same_content(target, data):
+                raise InputError(
+                    f"other content was already received under this SOP Instance UID "
+                    f"({target.stem}): kept, this one refused",
+                    hint="changed instances need a new SOP Instance UID",
+                )
+            os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -58,5 +82,9 @@ def durable_write(target: Path, data: bytes) -> Path:
 
 
 def spool_path(spool_dir: Path, study_uid: str | None, sop_instance_uid: str | None) -> Path:
-    """``<spool>/<study UID>/<SOP instance UID>.dcm``: re-sending an instance overwrites it."""
+    """``<spool>/<study UID>/<SOP instance UID>.dcm``; both UIDs are required (an empty one
+    would make unrelated instances share a folder or a file name)."""
+    for what, uid in (("Study", study_uid), ("SOP", sop_instance_uid)):
+        if not (uid or "").strip():
+            raise InputError(f"no {what} Instance UID: the instance cannot be filed")
     return Path(spool_dir) / safe_uid(study_uid) / f"{safe_uid(sop_instance_uid)}.dcm"

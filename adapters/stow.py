@@ -26,7 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from leuk_fhir.acquisition import DicomReference
-from leuk_fhir.adapters.dicom_files import is_dicom_bytes, read_dicom, validate_dicom
+from leuk_fhir.adapters.dicom_files import (
+    check_first_frame,
+    is_dicom_bytes,
+    read_dicom,
+    validate_dicom,
+)
 from leuk_fhir.adapters.dicom_metadata import dicom_reference
 from leuk_fhir.adapters.spool import durable_write, spool_path
 from leuk_fhir.errors import ImageTooLargeError, InputError, LeukFhirError, UnsupportedFormatError
@@ -228,13 +233,16 @@ def store_stow(
                 )
             if not is_dicom_bytes(part.data[:132]):
                 raise InputError(f"{name} is not a DICOM Part 10 file (no DICM preamble)")
-            ds = read_dicom(part.data, name=name)
+            ds = read_dicom(part.data, name=name, max_bytes=image_settings.max_bytes)
             sop_class = str(ds.get("SOPClassUID", "")) or None
             sop_instance = str(ds.get("SOPInstanceUID", "")) or None
             if not sop_instance:
                 raise InputError(f"{name} has no SOP Instance UID")
             validate_dicom(ds, image_settings, name=f"{name} ({sop_instance})")
+            check_first_frame(ds, name)
             ref = dicom_reference(ds)
+            if not ref.study_uid:
+                raise InputError(f"{name} has no Study Instance UID (0020,000D)")
             if study_uid and ref.study_uid != study_uid:
                 result.failed.append(
                     FailedInstance(
@@ -246,7 +254,9 @@ def store_stow(
                 )
                 continue
             path = durable_write(
-                spool_path(spool_dir, ref.study_uid, ref.sop_instance_uid), part.data
+                spool_path(spool_dir, ref.study_uid, ref.sop_instance_uid),
+                part.data,
+                refuse_different=True,
             )
         except LeukFhirError as exc:
             reason = exc.dicom_status if exc.dicom_status else FAILURE_CANNOT_UNDERSTAND

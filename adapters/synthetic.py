@@ -8,6 +8,8 @@
   (never held in memory) that OpenSlide reads as ``generic-tiff``.
 - :func:`write_dicom_wsi`: a DICOM VL Whole Slide Microscopy pyramid (one instance per level,
   TILED_FULL) built by hand with pydicom.
+- :func:`write_with_malformed_integer`, :func:`damage_first_jpeg_frame`: damaged instances, as
+  buggy devices send them, for the refusal paths.
 """
 
 from __future__ import annotations
@@ -283,6 +285,35 @@ def write_dicom_microscopy(
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def write_with_malformed_integer(ds: Dataset, keyword: str, value: str, path: Path) -> Path:
+    """Save ``ds`` (Explicit VR) with the IS attribute ``keyword`` holding ``value``, e.g.
+    ``"abc"`` (pydicom refuses to write it, so it is written as LO and relabelled IS)."""
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
+    ds.add_new(tag, "LO", value)
+    ds.save_as(path, enforce_file_format=True)
+    raw = (tag >> 16).to_bytes(2, "little") + (tag & 0xFFFF).to_bytes(2, "little")
+    Path(path).write_bytes(Path(path).read_bytes().replace(raw + b"LO", raw + b"IS", 1))
+    return Path(path)
+
+
+def damage_first_jpeg_frame(ds: Dataset, *, keep_headers: bool = True) -> Dataset:
+    """Damage frame 0 of an encapsulated ``ds``: zero its entropy-coded data after byte 600
+    (markers intact), or replace it with bytes that are not JPEG at all."""
+    from pydicom.encaps import generate_frames
+
+    frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1))))
+    frame = bytearray(frames[0])
+    if keep_headers:
+        frame[600:-2] = bytes(len(frame) - 602)
+    else:
+        frame = bytearray(b"NOTJPEG!" * 64)
+    ds.PixelData = encapsulate([bytes(frame), *frames[1:]])
+    return ds
 
 
 def write_pyramid_tiff(

@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from leuk_fhir.acquisition import Scope
 from leuk_fhir.adapters import open_acquisition, sniff_format
@@ -18,9 +18,11 @@ from leuk_fhir.adapters.plugins import all_statuses, require_transfer_syntax
 from leuk_fhir.adapters.synthetic import (
     LOSSY_TRANSFER_SYNTAXES,
     SYNTHETIC_TRANSFER_SYNTAXES,
+    damage_first_jpeg_frame,
     dicom_microscopy_dataset,
     synthetic_smear_field,
     write_dicom_microscopy,
+    write_with_malformed_integer,
 )
 from leuk_fhir.errors import ImageTooLargeError, InvalidImageError, UnsupportedFormatError
 from leuk_fhir.settings import ImageSettings
@@ -153,3 +155,152 @@ def test_plugins_report_availability_and_install_hint() -> None:
         assert s.install_hint.startswith("pip install ")
     assert all(s.available for name, s in statuses.items() if name.startswith("dicom-"))
     assert VL_MICROSCOPIC  # accepted SOP class constant is exported
+
+
+# -- audit fixes -------------------------------------------------------------------------
+
+
+def _deflated(path: Path, side: int, frames: int, padding: int = 0) -> Path:
+    """A Deflated instance of zeros: ``side``² RGB x ``frames`` declared, plus ``padding``
+    bytes in a private element; a few KB on disk whatever it inflates to."""
+    ds = dicom_microscopy_dataset(np.zeros((8, 8, 3), np.uint8))
+    ds.Rows = ds.Columns = side
+    ds.NumberOfFrames = frames
+    ds.PixelData = bytes(side * side * 3 * frames)
+    if padding:
+        ds.private_block(0x0099, "LEUK TEST", create=True).add_new(0x01, "OB", bytes(padding))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("side", "frames", "padding", "message"),
+    [(1500, 4, 0, "bytes declared"), (8, 1, 30_000_000, "inflates to more than")],
+    ids=["declared-pixels", "inflated-size"],
+)
+def test_deflate_bomb_is_refused_with_bounded_memory(
+    tmp_path: Path, side: int, frames: int, padding: int, message: str
+) -> None:
+    import tracemalloc
+
+    path = _deflated(tmp_path / "bomb.dcm", side, frames, padding)
+    assert path.stat().st_size < 200_000  # 27 MB / 30 MB inflated
+    limit = ImageSettings(max_bytes=5_000_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageTooLargeError, match=message):
+            open_acquisition(path, image_settings=limit)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * limit.max_bytes, f"peak {peak:,} bytes"
+
+
+def test_deflated_instance_within_limits_reads_from_memory_once(tmp_path: Path) -> None:
+    path = write_dicom_microscopy(
+        tmp_path / "d.dcm", [FIELD, FIELD[::-1]], transfer_syntax=DeflatedExplicitVRLittleEndian
+    )
+    acq = open_acquisition(path, image_settings=ImageSettings(max_bytes=1_000_000))
+    assert np.array_equal(acq.pixels.read_frame(1), FIELD[::-1])
+
+
+def test_native_dicom_above_max_bytes_is_refused(tmp_path: Path) -> None:
+    path = write_dicom_microscopy(tmp_path / "n.dcm", FIELD)  # 230 KB of native pixels
+    with pytest.raises(ImageTooLargeError, match="image.max_bytes"):
+        open_acquisition(path, image_settings=ImageSettings(max_bytes=100_000))
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR IS")
+@pytest.mark.parametrize("value", ["abc", "-3"])
+def test_malformed_number_of_frames_is_a_typed_error(tmp_path: Path, value: str) -> None:
+    path = write_with_malformed_integer(
+        dicom_microscopy_dataset(FIELD), "NumberOfFrames", value, tmp_path / "nf.dcm"
+    )
+    with pytest.raises(InvalidImageError, match="NumberOfFrames"):
+        open_acquisition(path)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR IS")
+def test_malformed_instance_number_only_orders_last(tmp_path: Path) -> None:
+    first = dicom_microscopy_dataset(FIELD)
+    write_with_malformed_integer(
+        dicom_microscopy_dataset(FIELD[::-1], study_uid=first.StudyInstanceUID,
+                                 series_uid=first.SeriesInstanceUID),
+        "InstanceNumber", "x1", tmp_path / "a.dcm",
+    )  # fmt: skip
+    first.InstanceNumber = 7
+    first.save_as(tmp_path / "b.dcm", enforce_file_format=True)
+    acq = open_acquisition(tmp_path)
+    assert acq.pixels.frame_count == 2
+    assert np.array_equal(acq.pixels.read_frame(1), FIELD[::-1])
+
+
+def test_study_folder_never_mixes_patients_or_unidentified_studies(tmp_path: Path) -> None:
+    a = dicom_microscopy_dataset(FIELD, patient_id="PAT-C")
+    b = dicom_microscopy_dataset(FIELD, patient_id="PAT-D", study_uid=a.StudyInstanceUID)
+    for folder, pair in (("mixed", (a, b)), ("nostudy", (a.copy(), b.copy()))):
+        (tmp_path / folder).mkdir()
+        for i, ds in enumerate(pair):
+            if folder == "nostudy":
+                del ds.StudyInstanceUID
+                ds.PatientID = "PAT-C"
+            ds.save_as(tmp_path / folder / f"{i}.dcm", enforce_file_format=True)
+    with pytest.raises(InvalidImageError, match="different patients or studies"):
+        open_acquisition(tmp_path / "mixed")
+    with pytest.raises(InvalidImageError, match="without Study Instance UID"):
+        open_acquisition(tmp_path / "nostudy")
+
+
+@pytest.mark.parametrize("keep_headers", [True, False], ids=["zeroed-scan", "not-jpeg"])
+def test_corrupt_jpeg_frame_is_refused_not_decoded_to_garbage(
+    tmp_path: Path, keep_headers: bool
+) -> None:
+    ds = damage_first_jpeg_frame(
+        dicom_microscopy_dataset(FIELD, transfer_syntax=JPEGBaseline8Bit), keep_headers=keep_headers
+    )
+    ds.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
+    with pytest.raises(InvalidImageError, match="frame 0 could not be decoded"):
+        open_acquisition(tmp_path / "bad.dcm").pixels.read_frame(0)
+
+
+def test_native_ybr_full_422_decodes(tmp_path: Path) -> None:
+    from pydicom.pixels import convert_color_space
+
+    ybr = convert_color_space(FIELD, "RGB", "YBR_FULL")
+    y = ybr[:, :, 0].reshape(FIELD.shape[0], -1, 2)
+    packed = np.stack([y[:, :, 0], y[:, :, 1], ybr[:, 0::2, 1], ybr[:, 0::2, 2]], axis=-1)
+    ds = dicom_microscopy_dataset(FIELD)
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PixelData = packed.astype(np.uint8).tobytes()
+    ds.save_as(tmp_path / "ybr.dcm", enforce_file_format=True)
+    decoded = open_acquisition(tmp_path / "ybr.dcm").pixels.read_frame()
+    assert np.abs(decoded.astype(int) - FIELD).mean() < 6  # chroma shared by pixel pairs
+
+
+@pytest.mark.parametrize("spacing_um", [-0.25, 250.0])
+def test_implausible_pixel_spacing_is_ignored(
+    tmp_path: Path, spacing_um: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_dicom_microscopy(tmp_path / "s.dcm", FIELD, pixel_spacing_um=spacing_um)
+    acq = open_acquisition(path)
+    assert acq.pixels.microns_per_pixel is None and acq.scope == Scope.CELL  # 320 px
+    assert "not plausible" in caplog.text
+
+
+def test_dicomdir_in_a_study_folder_is_skipped(tmp_path: Path) -> None:
+    from pydicom.dataset import FileMetaDataset
+
+    a = dicom_microscopy_dataset(FIELD)
+    b = dicom_microscopy_dataset(FIELD[::-1], study_uid=a.StudyInstanceUID)
+    a.save_as(tmp_path / "IM1", enforce_file_format=True)
+    b.save_as(tmp_path / "IM2", enforce_file_format=True)
+    index = pydicom.Dataset()
+    index.FileSetID, index.DirectoryRecordSequence = "CD", []
+    index.file_meta = FileMetaDataset()
+    index.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    index.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    index.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    index.save_as(tmp_path / "DICOMDIR", enforce_file_format=True)
+    acq = open_acquisition(tmp_path)
+    assert acq.pixels.frame_count == 2 and acq.source_id == a.StudyInstanceUID

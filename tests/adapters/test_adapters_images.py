@@ -110,3 +110,67 @@ def test_decompression_bomb_header_is_refused_before_decoding(tmp_path: Path) ->
     assert (tmp_path / "bomb.png").stat().st_size < 1_000_000
     with pytest.raises(ImageTooLargeError):
         open_acquisition(tmp_path / "bomb.png", image_settings=ImageSettings(max_pixels=50_000_000))
+
+
+def _two_page_tiff(path: Path, second: tuple[int, int]) -> Path:
+    import tifffile
+
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(np.full((120, 160, 3), 220, np.uint8), photometric="rgb")
+        tw.write(np.zeros((*second, 3), np.uint8), photometric="rgb", compression="zlib")
+    return path
+
+
+def test_oversized_later_tiff_page_is_refused_before_decoding(tmp_path: Path) -> None:
+    import tifffile
+
+    path = _two_page_tiff(tmp_path / "two.tif", (1200, 1000))
+    with tifffile.TiffFile(path) as tif:  # wreck page 1's data: decoding it would fail
+        offset, count = tif.pages[1].dataoffsets[0], tif.pages[1].databytecounts[0]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + count] = b"\xa5" * count
+    path.write_bytes(bytes(data))
+    px = open_acquisition(path, image_settings=ImageSettings(max_pixels=1_000_000)).pixels
+    assert px.frame_count == 2 and px.read_frame(0).shape == (120, 160, 3)
+    with pytest.raises(ImageTooLargeError, match=r"page 1: 1000 x 1200 px .*max_pixels=1,000,000"):
+        px.read_frame(1)
+
+
+def test_pillow_bomb_guard_is_image_too_large(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _two_page_tiff(tmp_path / "two.tif", (1200, 1000))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # Pillow's guard below ours
+    px = open_acquisition(path).pixels
+    with pytest.raises(ImageTooLargeError, match="image.max_pixels"):
+        px.read_frame(1)
+
+
+def test_error_messages_name_the_file_not_the_server_path(tmp_path: Path) -> None:
+    bad = tmp_path / "upload.jpg"
+    bad.write_bytes(b"\xff\xd8\xff" + b"garbage" * 20)  # Pillow names the path it opened
+    with pytest.raises(InvalidImageError, match="upload.jpg") as err:
+        open_acquisition(bad).pixels.read_frame()
+    assert str(tmp_path) not in str(err.value)
+
+
+def test_png_with_missing_rows_is_refused(tmp_path: Path) -> None:
+    import struct
+    import zlib
+
+    field = np.full((48, 64, 3), 200, np.uint8)
+    rows = b"".join(b"\x00" + field[y].tobytes() for y in range(24))  # half the rows
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", 64, 48, 8, 2, 0, 0, 0)
+    (tmp_path / "short.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )  # fmt: skip
+    with pytest.raises(InvalidImageError, match="ends before its last row"):
+        open_acquisition(tmp_path / "short.png").pixels.read_frame()
+    Image.fromarray(field).save(tmp_path / "full.png")
+    assert np.array_equal(open_acquisition(tmp_path / "full.png").pixels.read_frame(), field)

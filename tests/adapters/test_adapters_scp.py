@@ -17,9 +17,11 @@ from leuk_fhir.acquisition import DicomReference, Scope, Transport
 from leuk_fhir.adapters import open_acquisition
 from leuk_fhir.adapters.dicom_scp import VERIFICATION, CStoreReceiver
 from leuk_fhir.adapters.synthetic import (
+    damage_first_jpeg_frame,
     dicom_microscopy_dataset,
     synthetic_smear_field,
     write_dicom_microscopy,
+    write_with_malformed_integer,
 )
 from leuk_fhir.errors import QueueFullError
 from leuk_fhir.settings import DicomSettings, ImageSettings
@@ -228,3 +230,182 @@ def test_dcmtk_storescu_as_peer(receiver, tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad.returncode != 0 and "Rejected" in (bad.stderr + bad.stdout)
+
+
+# -- audit fixes: bombs, lost and merged instances, undecodable data -----------------------
+
+
+def _send_raw(
+    port: int, ds: pydicom.Dataset, command_uid: str, ts: str = ExplicitVRLittleEndian
+) -> tuple[int, str | None]:
+    """A C-STORE whose command names ``command_uid``, whatever the data set holds (a buggy
+    modality); pynetdicom's own send_c_store refuses such data sets."""
+    import time
+    from io import BytesIO
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pynetdicom.dimse_primitives import C_STORE
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    ae = AE(ae_title="SCOPE1")
+    ae.add_requested_context(ds.SOPClassUID, ts)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LEUKFHIR")
+    assert assoc.is_established
+    try:
+        req = C_STORE()
+        req.MessageID, req.Priority = 1, 2
+        req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = ds.SOPClassUID, command_uid
+        req.DataSet = BytesIO(fp.getvalue())
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.001)
+        assoc.dimse.send_msg(req, assoc.accepted_contexts[0].context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+        assoc._reactor_checkpoint.set()
+        assert rsp is not None
+        return int(rsp.Status), getattr(rsp, "ErrorComment", None)
+    finally:
+        assoc.release()
+
+
+def _send_file(path: Path, port: int) -> tuple[int, str | None]:
+    """Send a Part 10 file as encoded (pynetdicom streams it without decoding it)."""
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    ae = AE(ae_title="SCOPE1")
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LEUKFHIR")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)
+        return int(status.Status), status.get("ErrorComment")
+    finally:
+        assoc.release()
+
+
+def _spooled(spool: Path) -> list[Path]:
+    return sorted(p for p in spool.rglob("*.dcm") if ".incoming" not in p.parts)
+
+
+def test_deflated_bomb_refused_before_inflating(tmp_path: Path) -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = dicom_microscopy_dataset(np.zeros((8, 8, 3), np.uint8))
+    ds.Rows = ds.Columns = 600
+    ds.NumberOfFrames = 3
+    ds.PixelData = bytes(600 * 600 * 3 * 3)  # 3.2 MB inflated, a few KB deflated
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = tmp_path / "bomb.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert path.stat().st_size < 50_000
+    got = Received()
+    settings = ImageSettings(max_bytes=1_000_000)
+    with CStoreReceiver(
+        DicomSettings(port=0), tmp_path / "spool", got, image_settings=settings
+    ) as rx:
+        status, comment = _send_file(path, rx.port)
+    assert status == 0xA700 and "image.max_bytes" in comment
+    assert got.items == [] and _spooled(tmp_path / "spool") == []
+
+
+def test_instances_without_sop_uid_are_filed_under_the_command_uid(receiver) -> None:
+    from pydicom.uid import generate_uid
+
+    rx, got = receiver
+    study, uids = generate_uid(), [generate_uid(), generate_uid()]
+    for pid, uid in zip(("PAT-A", "PAT-B"), uids, strict=True):
+        ds = dicom_microscopy_dataset(FIELD, patient_id=pid, study_uid=study)
+        del ds.SOPInstanceUID
+        assert _send_raw(rx.port, ds, uid) == (0x0000, None)
+    files = _spooled(rx.spool_dir)
+    assert [p.name for p in files] == sorted(f"{u}.dcm" for u in uids)  # none overwritten
+    assert {pydicom.dcmread(p).PatientID for p in files} == {"PAT-A", "PAT-B"}
+    assert sorted(ref.sop_instance_uid for _, ref in got.items) == sorted(uids)
+
+
+def test_sop_uid_differing_from_the_command_is_refused(receiver) -> None:
+    from pydicom.uid import generate_uid
+
+    rx, got = receiver
+    status, comment = _send_raw(rx.port, dicom_microscopy_dataset(FIELD), generate_uid())
+    assert status == 0xC000 and "differs from the C-STORE request" in comment
+    assert got.items == [] and _spooled(rx.spool_dir) == []
+
+
+def test_other_content_under_a_received_sop_uid_is_refused_not_overwritten(receiver) -> None:
+    rx, got = receiver
+    first = dicom_microscopy_dataset(FIELD, patient_id="PAT-A")
+    assert _send(first, rx.port)[0] == 0x0000
+    assert _send(first, rx.port)[0] == 0x0000  # an identical re-send stays idempotent
+    other = dicom_microscopy_dataset(
+        FIELD[::-1], patient_id="PAT-B", study_uid=first.StudyInstanceUID
+    )
+    other.SOPInstanceUID = first.SOPInstanceUID
+    status, comment = _send(other, rx.port)
+    assert status == 0xC000 and "other content" in comment
+    (kept,) = _spooled(rx.spool_dir)
+    assert pydicom.dcmread(kept).PatientID == "PAT-A" and len(got.items) == 2
+
+
+@pytest.mark.parametrize("unit", ["instance", "study"])
+def test_instance_without_study_uid_is_refused_not_pooled(tmp_path: Path, unit: str) -> None:
+    got = Received()
+    settings = DicomSettings(port=0, analysis_unit=unit, study_idle_s=0.2)
+    with CStoreReceiver(settings, tmp_path, got) as rx:
+        for pid in ("PAT-C", "PAT-D"):
+            ds = dicom_microscopy_dataset(FIELD, patient_id=pid)
+            del ds.StudyInstanceUID
+            status, comment = _send(ds, rx.port)
+            assert status == 0xC000 and "no Study Instance UID" in comment
+    assert got.items == [] and _spooled(tmp_path) == []
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR IS")
+def test_malformed_number_of_frames_gets_a_named_refusal(receiver, tmp_path: Path) -> None:
+    rx, got = receiver
+    path = write_with_malformed_integer(
+        dicom_microscopy_dataset(FIELD), "NumberOfFrames", "abc", tmp_path / "nf.dcm"
+    )
+    status, comment = _send_file(path, rx.port)
+    assert status == 0xC000 and "NumberOfFrames" in comment
+    assert got.items == [] and _spooled(rx.spool_dir) == []
+
+
+@pytest.mark.parametrize("scan_garbage", [True, False], ids=["zeroed-scan", "not-jpeg"])
+def test_undecodable_frame_is_refused_at_receipt(receiver, scan_garbage: bool) -> None:
+    rx, got = receiver
+    ds = dicom_microscopy_dataset(FIELD, transfer_syntax=JPEGBaseline8Bit)
+    status, comment = _send(damage_first_jpeg_frame(ds, keep_headers=scan_garbage), rx.port)
+    assert status == 0xC000 and "frame 0 could not be decoded" in comment
+    assert got.items == [] and _spooled(rx.spool_dir) == []
+
+
+def test_study_mode_retries_a_study_the_queue_could_not_take(tmp_path: Path) -> None:
+    calls: list[Path] = []
+    done = threading.Event()
+
+    def busy_once(path: Path, ref: DicomReference) -> None:
+        calls.append(path)
+        if len(calls) == 1:
+            raise QueueFullError("analysis queue is full")
+        done.set()
+
+    settings = DicomSettings(port=0, analysis_unit="study", study_idle_s=0.2)
+    with CStoreReceiver(settings, tmp_path, busy_once) as rx:
+        ds = dicom_microscopy_dataset(FIELD)
+        assert _send(ds, rx.port)[0] == 0x0000
+        assert done.wait(10), "an acknowledged study was dropped after a full queue"
+    assert calls == [tmp_path / ds.StudyInstanceUID] * 2
+
+
+def test_callback_failure_comment_keeps_the_reason(tmp_path: Path) -> None:
+    from leuk_fhir.errors import InvalidImageError
+
+    def analyse(path: Path, ref: DicomReference) -> None:
+        raise InvalidImageError(f"{path.name}: frame 0 could not be decoded: broken")
+
+    with CStoreReceiver(DicomSettings(port=0), tmp_path, analyse) as rx:
+        status, comment = _send(dicom_microscopy_dataset(FIELD), rx.port)
+    assert status == 0xC000 and comment.startswith("instance: frame 0 could not be decoded")

@@ -128,3 +128,25 @@ def test_aperio_svs_through_openslide(tmp_path: Path) -> None:
     assert acq.scope == Scope.SLIDE and acq.pixels.microns_per_pixel == 0.5
     assert [lv.width for lv in acq.pixels.levels] == [1600, 800]
     assert np.abs(acq.pixels.read_region(0, 0, 256, 256).astype(int) - SLIDE[:256, :256]).mean() < 4
+
+
+def test_damaged_wsi_tile_is_a_typed_error_and_analyze_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], classifier
+) -> None:
+    import json
+
+    from PIL import Image
+
+    from leuk_fhir.adapters.synthetic import damage_first_jpeg_frame
+    from leuk_fhir.cli import main
+
+    (path,) = write_dicom_wsi(tmp_path / "wsi", SLIDE[:512, :512], tile_size=256, levels=1)
+    damage_first_jpeg_frame(pydicom.dcmread(path), keep_headers=False).save_as(path)
+    with pytest.raises(InvalidImageError, match="slide region could not be decoded"):
+        open_dicom_slide([path]).pixels.read_region(0, 0, 256, 256)
+    Image.fromarray(SLIDE[:480, :640]).save(tmp_path / "field.png")
+    code = main(["analyze", str(path.parent), str(tmp_path / "field.png"), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    bad, good = doc["results"]
+    assert code == 3 and doc["failed"] == 1 and bad["error"] == "invalid-image"
+    assert good["scope"] == "field" and "error" not in good and "outcome" in good

@@ -86,3 +86,28 @@ def test_parts_without_headers_and_quoted_boundary() -> None:
     request = parse_stow(body, 'multipart/related; boundary="b0undary"; type="application/dicom"')
     assert len(request.parts) == 1 and request.parts[0].data == payload
     assert request.parts[0].content_type == "application/dicom"
+
+
+def test_unfileable_or_undecodable_parts_fail_and_nothing_is_overwritten(tmp_path: Path) -> None:
+    from pydicom.uid import JPEGBaseline8Bit
+
+    from leuk_fhir.adapters.synthetic import damage_first_jpeg_frame
+
+    kept = dicom_microscopy_dataset(FIELD, patient_id="PAT-A")
+    assert handle_stow(*build_stow_body([_bytes(kept)]), spool_dir=tmp_path).http_status == 200
+    other = dicom_microscopy_dataset(
+        FIELD[::-1], patient_id="PAT-B", study_uid=kept.StudyInstanceUID
+    )
+    other.SOPInstanceUID = kept.SOPInstanceUID
+    nostudy = dicom_microscopy_dataset(FIELD)
+    del nostudy.StudyInstanceUID
+    corrupt = damage_first_jpeg_frame(
+        dicom_microscopy_dataset(FIELD, transfer_syntax=JPEGBaseline8Bit)
+    )
+    body, ctype = build_stow_body([_bytes(other), _bytes(nostudy), _bytes(corrupt), _bytes(kept)])
+    result = handle_stow(body, ctype, spool_dir=tmp_path)
+    assert result.http_status == 202 and len(result.stored) == 1  # the identical re-send
+    messages = [f.message for f in result.failed]
+    assert "other content" in messages[0] and "Study Instance UID" in messages[1]
+    assert "could not be decoded" in messages[2]
+    assert result.stored[0].path.read_bytes() == _bytes(kept)
