@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,8 @@ def write_artifact(
     cnn_state: dict[str, np.ndarray],
     hosvd_arrays: dict[str, np.ndarray],
 ) -> str:
-    """Write a model file atomically and return its SHA-256."""
+    """Write a model file atomically and return its SHA-256; a file that cannot be written
+    raises :class:`ModelArtifactError` and leaves no partial file."""
     entries: dict[str, bytes] = {}
     digests: dict[str, dict[str, Any]] = {}
     for prefix, arrays in (("cnn", cnn_state), ("hosvd", hosvd_arrays)):
@@ -76,18 +78,29 @@ def write_artifact(
             }
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "entries": digests}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
-        for name, data in [
-            (_MANIFEST, json.dumps(full, indent=1, sort_keys=True).encode()),
-            *entries.items(),
-        ]:
-            info = zipfile.ZipInfo(name, date_time=_FIXED_TIME)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, data)
-    tmp.replace(path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(
+            tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9
+        ) as archive:
+            for name, data in [
+                (_MANIFEST, json.dumps(full, indent=1, sort_keys=True).encode()),
+                *entries.items(),
+            ]:
+                info = zipfile.ZipInfo(name, date_time=_FIXED_TIME)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                archive.writestr(info, data)
+        tmp.replace(path)
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ModelArtifactError(
+            f"cannot write model file {path}: {exc.strerror or exc}"
+            + (f" ({exc.filename})" if exc.filename else "")
+        ) from exc
+    finally:
+        if tmp.is_file():
+            tmp.unlink()
 
 
 def read_artifact(source: Path | bytes, where: str | None = None) -> ModelArtifact:
@@ -107,8 +120,9 @@ def read_artifact(source: Path | bytes, where: str | None = None) -> ModelArtifa
                     f"{where}: not a leuk-fhir model (no {_MANIFEST})"
                 ) from exc
             if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+                found = manifest.get("format") if isinstance(manifest, dict) else manifest
                 raise ModelArtifactError(
-                    f"{where}: not a leuk-fhir model file (format {manifest.get('format')!r})"
+                    f"{where}: not a leuk-fhir model file (format {found!r:.40})"
                 )
             version = manifest.get("format_version")
             if version != FORMAT_VERSION:
@@ -119,7 +133,12 @@ def read_artifact(source: Path | bytes, where: str | None = None) -> ModelArtifa
                 )
             cnn: dict[str, np.ndarray] = {}
             hosvd: dict[str, np.ndarray] = {}
-            for name, meta in manifest["entries"].items():
+            entries = manifest.get("entries")
+            if not isinstance(entries, dict) or not all(
+                isinstance(meta, dict) for meta in entries.values()
+            ):
+                raise ModelArtifactError(f"{where}: the manifest's entries are malformed")
+            for name, meta in entries.items():
                 data = archive.read(name)
                 if hashlib.sha256(data).hexdigest() != meta["sha256"]:
                     raise ModelArtifactError(
@@ -133,6 +152,7 @@ def read_artifact(source: Path | bytes, where: str | None = None) -> ModelArtifa
     except (
         zipfile.BadZipFile,
         zipfile.LargeZipFile,
+        zlib.error,
         EOFError,
         KeyError,
         ValueError,

@@ -18,14 +18,20 @@ folder (``subclass_folders``, opt-in, since sub-folders often hold patients inst
 on file names (``subclass_pattern``), or the original classes merged by ``binary_positive``.
 The model trains on them and reports classes.
 
-Byte-identical files are found by SHA-256 and dropped before splitting (and reported).
+Byte-identical files are found by SHA-256 and dropped before splitting (and reported); a file
+whose copies carry different labels has no trustworthy label, and every copy is left out. Files
+that are not used (images beside the class folders, broken links, hidden or system folders such
+as ``.thumbnails`` and ``@eaDir``, non-images) are listed in the dataset's ``skipped``.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import math
+import os
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -37,7 +43,7 @@ from leuk_fhir.errors import DatasetError
 from leuk_fhir.model.framing import Framing, choose_crop, sample_indices
 from leuk_fhir.model.images import IMAGE_EXTENSIONS, decode_image, pad_to_square, square_resize
 
-ALL_IDB_PATTERN = re.compile(r"^Im\d+_([01])\.[A-Za-z0-9]+$")
+ALL_IDB_PATTERN = re.compile(r"^Im\d+_([01])\.[A-Za-z0-9]+$", re.IGNORECASE)
 ALL_IDB_LABELS = {"1": "blast", "0": "normal"}
 #: C-NMC 2019 cell names (UID_11_10_1_all.bmp, UID_H10_43_1_hem.bmp): group 1 is the subject.
 CNMC_PATTERN = re.compile(r"^UID_(H?\d+)_\d+_\d+_(?:all|hem)\.[A-Za-z0-9]+$", re.IGNORECASE)
@@ -70,14 +76,60 @@ class Subclasses:
 
 @dataclass(frozen=True)
 class DuplicateReport:
-    """Files dropped because their bytes equal an earlier file's."""
+    """Files dropped because their bytes equal an earlier file's with the same label, and
+    files left out because byte-identical copies carry different labels."""
 
     dropped: tuple[tuple[str, str], ...] = ()  # (dropped path, kept path)
-    conflicting_labels: tuple[str, ...] = ()  # kept paths whose duplicates had another label
+    #: each conflicting image's copies as (path, label); every copy is left out
+    conflicts: tuple[tuple[tuple[str, str], ...], ...] = ()
 
     @property
     def count(self) -> int:
         return len(self.dropped)
+
+    def conflict_text(self, limit: int = 3) -> str:
+        """The first ``limit`` conflicts as 'a.png (blast) = b.png (normal)'."""
+        shown = [" = ".join(f"{p} ({label})" for p, label in c) for c in self.conflicts[:limit]]
+        more = len(self.conflicts) - limit
+        return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
+
+
+#: Why a file or folder in a dataset folder was not used, in the order reports list them.
+SKIP_REASONS = (
+    "image outside class folders",
+    "broken link",
+    "hidden or system folder",
+    "linked folder already read",
+    "unreadable folder",
+    "folder beside ALL-IDB images",
+    "hidden file",
+    "not an image",
+)
+#: Skipped files and conflicting copies listed in a dataset summary (report.json, the model
+#: file); all are counted.
+SUMMARY_LISTED = 50
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file or folder of a dataset folder that was not used, relative to the folder."""
+
+    path: str
+    reason: str
+
+
+def skipped_text(skipped: tuple[Skipped, ...] | list[Skipped], examples: int = 4) -> str:
+    """'skipped 3 file(s) or folder(s): 1 broken link, 2 not an image (e.g. a, b, c)'."""
+    ordered = sorted(skipped, key=lambda s: SKIP_REASONS.index(s.reason))
+    counts = Counter(s.reason for s in ordered)
+    names = ", ".join(s.path for s in ordered[:examples]) + (
+        ", ..." if len(ordered) > examples else ""
+    )
+    return (
+        f"skipped {len(ordered)} file(s) or folder(s): "
+        + ", ".join(f"{n} {reason}" for reason, n in counts.items())
+        + f" (e.g. {names})"
+    )
 
 
 @dataclass
@@ -98,6 +150,8 @@ class CellDataset:
     sub_y: np.ndarray | None = None
     #: where ``groups`` came from, in words (None without groups)
     grouping: str | None = None
+    #: files and folders of the dataset folder that were not used, and why
+    skipped: tuple[Skipped, ...] = ()
 
     @property
     def y(self) -> np.ndarray:
@@ -117,7 +171,15 @@ class CellDataset:
             "groups": None if self.groups is None else int(len(set(self.groups.tolist()))),
             "grouping": self.grouping,
             "duplicates_dropped": self.duplicates.count,
-            "duplicate_label_conflicts": len(self.duplicates.conflicting_labels),
+            "duplicate_label_conflicts": len(self.duplicates.conflicts),
+            "duplicate_conflicts": [
+                [{"path": p, "label": label} for p, label in c]
+                for c in self.duplicates.conflicts[:SUMMARY_LISTED]
+            ],
+            "skipped_files": len(self.skipped),
+            "skipped": [
+                {"path": s.path, "reason": s.reason} for s in self.skipped[:SUMMARY_LISTED]
+            ],
             "fingerprint": self.fingerprint,
             "framing": self.framing.to_json(),
             "subclasses": (
@@ -132,8 +194,34 @@ def _is_image(path: Path) -> bool:
     )
 
 
+def _is_hidden_folder(name: str) -> bool:
+    """Hidden (``.thumbnails``) or system (``@eaDir``, ``__MACOSX``) folders are never data."""
+    return name.startswith((".", "@")) or name in ("__MACOSX", "$RECYCLE.BIN")
+
+
+def _file_reason(path: Path) -> str | None:
+    """Why a file in a class folder is not an image to use (None: it is one)."""
+    if not path.exists():
+        return "broken link"
+    if _is_image(path):
+        return None
+    if path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
+        return "hidden file"
+    return "not an image"
+
+
 def list_images(source: Path, subclass_folders: bool = False) -> list[LabelledImage]:
-    """Find labelled images in a class-folder tree, an ALL-IDB folder or a CSV manifest.
+    """Find labelled images in a class-folder tree, an ALL-IDB folder or a CSV manifest
+    (:func:`find_images` without the skipped files)."""
+    return find_images(source, subclass_folders)[0]
+
+
+def find_images(
+    source: Path, subclass_folders: bool = False
+) -> tuple[list[LabelledImage], list[Skipped]]:
+    """Labelled images in a class-folder tree, an ALL-IDB folder or a CSV manifest, and the
+    files and folders not used (images beside class folders, broken links, hidden or system
+    folders, non-images). Linked folders are followed, each real folder read once.
 
     With ``subclass_folders`` the first sub-folder inside a class folder names the image's
     sub-class (``DATA/other/basophil/x.jpg``); otherwise sub-folders are just searched."""
@@ -145,23 +233,44 @@ def list_images(source: Path, subclass_folders: bool = False) -> list[LabelledIm
             raise DatasetError(
                 f"{source}: expected a folder or a CSV manifest (path,label[,group[,subclass]])"
             )
-        return _read_manifest(source)
-    files = sorted(p for p in source.iterdir() if _is_image(p))
-    matches = [ALL_IDB_PATTERN.match(p.name) for p in files]
-    if files and all(matches):
+        return _read_manifest(source), []
+    entries = sorted(source.iterdir())
+    hidden = [p for p in entries if p.is_dir() and _is_hidden_folder(p.name)]
+    folders = [p for p in entries if p.is_dir() and p not in hidden]
+    files = [p for p in entries if not p.is_dir()]
+    images = [p for p in files if _is_image(p)]
+    loose = set(images)
+    skipped = [Skipped(p.name, "hidden or system folder") for p in hidden]
+    matches = [ALL_IDB_PATTERN.match(p.name) for p in images]
+    if images and all(matches):
+        skipped += [Skipped(p.name, "folder beside ALL-IDB images") for p in folders]
+        skipped += [Skipped(p.name, r) for p in files if (r := _file_reason(p))]
         return [
             LabelledImage(p, ALL_IDB_LABELS[m.group(1)])
-            for p, m in zip(files, matches, strict=True)
+            for p, m in zip(images, matches, strict=True)
             if m is not None
-        ]
-    folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+        ], skipped
     if not folders:
+        odd = [p.name for p, m in zip(images, matches, strict=True) if m is None]
+        if len(odd) < len(images):
+            raise DatasetError(
+                f"{source}: {len(images) - len(odd)} of {len(images)} images follow the ALL-IDB "
+                f"naming (ImNNN_1 = blast, ImNNN_0 = normal) and these do not: "
+                + ", ".join(odd[:5])
+                + (f" and {len(odd) - 5} more" if len(odd) > 5 else ""),
+                hint="rename or remove them",
+            )
         raise DatasetError(
             f"{source}: no class sub-folders and no ALL-IDB named images (ImNNN_1.jpg / ImNNN_0.jpg)"
         )
+    for p in files:
+        reason = "image outside class folders" if p in loose else _file_reason(p)
+        if reason is not None:
+            skipped.append(Skipped(p.name, reason))
     items: list[LabelledImage] = []
+    visited: set[tuple[int, int]] = set()
     for folder in folders:
-        found = sorted(p for p in folder.rglob("*") if _is_image(p))
+        found = _walk_images(folder, source, skipped, visited)
         if not found:
             raise DatasetError(
                 f"class folder {folder} contains no images", hint="remove it or add images"
@@ -172,7 +281,50 @@ def list_images(source: Path, subclass_folders: bool = False) -> list[LabelledIm
             )
             for p in found
         ]
-    return items
+    return items, skipped
+
+
+def _walk_images(
+    folder: Path, source: Path, skipped: list[Skipped], visited: set[tuple[int, int]]
+) -> list[Path]:
+    """Images anywhere under ``folder`` (linked folders followed, each real folder once),
+    sorted by path; what is not used is added to ``skipped``."""
+    found: list[Path] = []
+
+    def skip(path: Path | str, reason: str) -> None:
+        skipped.append(Skipped(Path(path).relative_to(source).as_posix(), reason))
+
+    info = folder.stat()
+    visited.add((info.st_dev, info.st_ino))
+    for root, dirs, names in os.walk(
+        folder, followlinks=True, onerror=lambda e: skip(e.filename, "unreadable folder")
+    ):
+        here = Path(root)
+        keep = []
+        for name in sorted(dirs):
+            sub = here / name
+            if _is_hidden_folder(name):
+                skip(sub, "hidden or system folder")
+                continue
+            try:
+                info = sub.stat()
+            except OSError:
+                skip(sub, "unreadable folder")
+                continue
+            if (info.st_dev, info.st_ino) in visited:
+                skip(sub, "linked folder already read")
+                continue
+            visited.add((info.st_dev, info.st_ino))
+            keep.append(name)
+        dirs[:] = keep
+        for name in names:
+            path = here / name
+            reason = _file_reason(path)
+            if reason is None:
+                found.append(path)
+            else:
+                skip(path, reason)
+    return sorted(found)
 
 
 def _first_subfolder(folder: Path, path: Path) -> str | None:
@@ -181,20 +333,32 @@ def _first_subfolder(folder: Path, path: Path) -> str | None:
 
 
 def _read_manifest(path: Path) -> list[LabelledImage]:
+    """Rows of a UTF-8 CSV manifest (anything else is refused, never guessed: a wrong guess
+    would silently misspell file names); errors name the file's line."""
     items: list[LabelledImage] = []
     with path.open(newline="", encoding="utf-8-sig") as handle:
-        rows = [r for r in csv.reader(handle) if r and any(c.strip() for c in r)]
-    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
+        reader = csv.reader(handle)
+        try:
+            rows = [(reader.line_num, r) for r in reader if r and any(c.strip() for c in r)]
+        except UnicodeDecodeError as exc:
+            raise DatasetError(
+                f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position "
+                f"{exc.start})",
+                hint="save it as UTF-8: in Excel, Save As 'CSV UTF-8'",
+            ) from None
+        except csv.Error as exc:
+            raise DatasetError(f"{path}: line {reader.line_num + 1} is not CSV: {exc}") from None
+    if rows and [c.strip().lower() for c in rows[0][1][:2]] == ["path", "label"]:
         rows = rows[1:]
-    for number, row in enumerate(rows, start=1):
+    for number, row in rows:
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
             raise DatasetError(
-                f"{path}: row {number} must be path,label[,group[,subclass]], got {row!r}"
+                f"{path}: line {number} must be path,label[,group[,subclass]], got {row!r}"
             )
         image = Path(row[0].strip())
         image = image if image.is_absolute() else path.parent / image
         if not image.is_file():
-            raise DatasetError(f"{path}: row {number}: image {image} does not exist")
+            raise DatasetError(f"{path}: line {number}: image {image} does not exist")
         group = row[2].strip() if len(row) > 2 and row[2].strip() else None
         subclass = row[3].strip() if len(row) > 3 and row[3].strip() else None
         items.append(LabelledImage(image, row[1].strip(), group, subclass))
@@ -215,25 +379,24 @@ def _read(path: Path) -> bytes:
 def drop_duplicates(
     items: list[LabelledImage],
 ) -> tuple[list[LabelledImage], list[str], DuplicateReport]:
-    """Keep the first of each set of byte-identical files; return kept items and their SHA-256
-    digests (the bytes are not kept: a folder of large BMP or TIFF files would fill memory)."""
-    seen: dict[str, LabelledImage] = {}
+    """Keep the first of each set of byte-identical files with one label, and none of a set
+    whose labels differ (its label is unknown); return kept items and their SHA-256 digests
+    (the bytes are not kept: a folder of large BMP or TIFF files would fill memory)."""
+    copies: dict[str, list[LabelledImage]] = {}
+    for item in items:
+        copies.setdefault(hashlib.sha256(_read(item.path)).hexdigest(), []).append(item)
     kept: list[LabelledImage] = []
     digests: list[str] = []
     dropped: list[tuple[str, str]] = []
-    conflicts: set[str] = set()
-    for item in items:
-        digest = hashlib.sha256(_read(item.path)).hexdigest()
-        if digest in seen:
-            first = seen[digest]
-            dropped.append((str(item.path), str(first.path)))
-            if first.label != item.label:
-                conflicts.add(str(first.path))
+    conflicts: list[tuple[tuple[str, str], ...]] = []
+    for digest, same in copies.items():  # in the order of each file's first copy
+        if len({i.label for i in same}) > 1:
+            conflicts.append(tuple((str(i.path), i.label) for i in same))
             continue
-        seen[digest] = item
-        kept.append(item)
+        kept.append(same[0])
         digests.append(digest)
-    return kept, digests, DuplicateReport(tuple(dropped), tuple(sorted(conflicts)))
+        dropped += [(str(i.path), str(same[0].path)) for i in same[1:]]
+    return kept, digests, DuplicateReport(tuple(dropped), tuple(conflicts))
 
 
 def _read_unchanged(item: LabelledImage, digest: str) -> bytes:
@@ -270,14 +433,15 @@ def load_dataset(
     manifest's folder) or from C-NMC file names; ``groups`` False ignores them. ``crop``
     keeps the central fraction of each image (None: measured from a sample of the images,
     :func:`leuk_fhir.model.framing.choose_crop`). Raises :class:`DatasetError` for fewer than
-    ``min_classes`` classes (two for training; one will do to score a trained model) or an
-    empty dataset.
+    ``min_classes`` classes (two for training, each of at least two images; one will do to
+    score a trained model), class names that differ only in case or spacing, a class every
+    image of which is a copy of another class's, or an empty dataset.
     """
-    items = list_images(Path(source), subclass_folders=subclass_folders)
+    items, skipped = find_images(Path(source), subclass_folders=subclass_folders)
+    _refuse_look_alike_classes(items, source)
     if subclass_pattern is not None:
         items = _kinds_from_names(items, subclass_pattern)
     items, grouping = _assign_groups(items, Path(source), group_pattern, groups)
-    items, digests, duplicates = drop_duplicates(items)
     if binary_positive is not None:
         names = {i.label for i in items}
         if binary_positive not in names:
@@ -296,13 +460,33 @@ def load_dataset(
         ]
     if not subclasses:
         items = [replace(i, subclass=None) for i in items]
+    before = Counter(i.label for i in items)
+    items, digests, duplicates = drop_duplicates(items)
     labels = np.array([i.label for i in items])
-    class_names = tuple(sorted(set(labels.tolist())))
+    counts = Counter(labels.tolist())
+    vanished = sorted(set(before) - set(counts))
+    if vanished:
+        name = vanished[0]
+        copies = next(c for c in duplicates.conflicts if name in {label for _, label in c})
+        raise DatasetError(
+            f"{source}: class {name!r} has no images left: each of its {before[name]} image(s) "
+            "has a byte-identical copy labelled otherwise, e.g. "
+            + " = ".join(f"{p} ({label})" for p, label in copies),
+            hint="fix the labels: copies with different labels are left out of every class",
+        )
+    class_names = tuple(sorted(counts))
     if len(class_names) < min_classes:
         needs = "training needs at least two classes" if min_classes > 1 else "nothing to score"
         raise DatasetError(
             f"{source}: found {len(items)} image(s) of {len(class_names)} class(es) {list(class_names)}; "
             + needs
+        )
+    smallest = min(class_names, key=counts.__getitem__)
+    if min_classes > 1 and counts[smallest] < 2:
+        raise DatasetError(
+            f"{source}: class {smallest!r} has {counts[smallest]} image; training needs at "
+            "least 2 images per class",
+            hint="add images of that class, or remove its folder",
         )
     if crop is None:
         sample = sample_indices(len(items))
@@ -345,7 +529,27 @@ def load_dataset(
         subclasses=table,
         sub_y=sub_y,
         grouping=None if group_of is None else grouping,
+        skipped=tuple(skipped),
     )
+
+
+def _refuse_look_alike_classes(items: list[LabelledImage], source: Path) -> None:
+    """Class names equal but for case, surrounding spaces or Unicode form (``ALL`` and
+    ``all``) would train as two classes of one kind of cell: refused, naming both."""
+    seen: dict[str, str] = {}
+    for name in sorted({i.label for i in items}):
+        other = seen.setdefault(class_key(name), name)
+        if other != name:
+            raise DatasetError(
+                f"{source}: classes {other!r} and {name!r} differ only in case, spacing or "
+                "Unicode form; they would train as two classes",
+                hint="merge them into one folder or label, or rename one",
+            )
+
+
+def class_key(name: str) -> str:
+    """A class name compared without regard to case, surrounding spaces or Unicode form."""
+    return unicodedata.normalize("NFC", name).strip().casefold()
 
 
 def _compile(option: str, pattern: str) -> re.Pattern[str]:
@@ -441,12 +645,15 @@ def stratified_folds(
 
     counts = Counter(labels.tolist())
     if n_folds < 2:
-        raise DatasetError("--folds must be at least 2")
-    smallest = min(counts.values())
-    if smallest < n_folds:
+        raise DatasetError(f"cross-validation needs at least 2 folds, not {n_folds}")
+    smallest = min(counts, key=counts.__getitem__)
+    needed = min_per_class(n_folds)
+    if counts[smallest] < needed:
         raise DatasetError(
-            f"class {min(counts, key=counts.__getitem__)!r} has {smallest} image(s), fewer than "
-            f"{n_folds} folds"
+            f"class {smallest!r} has {counts[smallest]} image(s), fewer than the {needed} that "
+            f"{n_folds} folds need (each fold tests at least one and trains on at least "
+            f"{MIN_TRAIN_PER_CLASS})",
+            hint="use fewer folds, or add images of that class",
         )
     if groups is not None:
         n_groups = len(set(groups.tolist()))
@@ -473,4 +680,23 @@ def stratified_folds(
     else:
         splitter = StratifiedKFold(n_folds, shuffle=True, random_state=seed)  # type: ignore[assignment]
         splits = list(splitter.split(np.zeros(len(labels)), labels))
+    for number, (train, _) in enumerate(splits, start=1):
+        trained = Counter(labels[train].tolist())
+        short = min(counts, key=lambda c: trained.get(c, 0))
+        if trained.get(short, 0) < MIN_TRAIN_PER_CLASS:
+            raise DatasetError(
+                f"fold {number} would train on {trained.get(short, 0)} image(s) of class "
+                f"{short!r}; the HOSVD head needs at least {MIN_TRAIN_PER_CLASS} per class",
+                hint="use fewer folds, or add images of that class (from more patients)",
+            )
     return [(np.sort(a), np.sort(b)) for a, b in splits]
+
+
+#: Images of each class the HOSVD head needs to fit (its inner cross-validation holds one out).
+MIN_TRAIN_PER_CLASS = 2
+
+
+def min_per_class(n_folds: int) -> int:
+    """Images a class needs for ``n_folds`` stratified folds: one per test part and
+    :data:`MIN_TRAIN_PER_CLASS` in every training part (4 for 2 folds, else ``n_folds``)."""
+    return max(n_folds, math.ceil(MIN_TRAIN_PER_CLASS * n_folds / (n_folds - 1)))

@@ -55,7 +55,7 @@ def per_class_metrics(
         tn = int(np.sum((y_pred != c) & (y_true != c)))
         sens = tp / (tp + fn) if tp + fn else None
         spec = tn / (tn + fp) if tn + fp else None
-        prec = tp / (tp + fp) if tp + fp else 0.0
+        prec = tp / (tp + fp) if tp + fp else None
         f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
         positives = y_true == c
         auc = (
@@ -777,13 +777,30 @@ def _comparisons_lines(report: dict[str, Any]) -> list[str]:
     ]
 
 
+def dropped_text(data: dict[str, Any]) -> str:
+    """What a dataset summary says was left out, for report.md: duplicates, images whose
+    copies carry different labels, skipped files."""
+    text = f"{data['duplicates_dropped']} byte-identical duplicate(s) dropped; "
+    if data.get("duplicate_label_conflicts"):
+        text += (
+            f"{data['duplicate_label_conflicts']} image(s) left out because byte-identical "
+            "copies carry different labels (`duplicate_conflicts` in report.json); "
+        )
+    if data.get("skipped_files"):
+        text += (
+            f"{data['skipped_files']} file(s) or folder(s) skipped (not images, outside the "
+            "class folders, broken links, hidden folders: `skipped` in report.json); "
+        )
+    return text
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     data = report["dataset"]
     lines = [
         "# leuk-fhir evaluation report",
         "",
         f"Data: `{data['source']}`: {report['images']} images, classes {data['classes']}; "
-        f"{data['duplicates_dropped']} byte-identical duplicate(s) dropped; "
+        f"{dropped_text(data)}"
         f"{report['folds']}-fold stratified cross-validation{_grouping_text(data, report)}; "
         f"image size {report['config']['image_size']} px, framing: "
         f"{Framing(**data['framing']).describe() if 'framing' in data else 'whole image'}; "

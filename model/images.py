@@ -1,6 +1,8 @@
 """Decoding and preparing cell images: any common format in, RGB uint8 squares out.
 
-Grayscale, palette, RGBA and 16-bit images are converted to 8-bit RGB; unreadable or truncated
+Grayscale, palette, RGBA and 16-bit images are converted to 8-bit RGB (deeper samples by the
+rule the service uses too, :mod:`leuk_fhir.sample_depth`: the depth the file declares, else
+the camera depth its brightest sample implies); unreadable or truncated
 files raise :class:`~leuk_fhir.errors.InvalidImageError`; images above ``max_pixels`` raise
 :class:`~leuk_fhir.errors.ImageTooLargeError` before their pixels are decoded.
 """
@@ -16,6 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from leuk_fhir.errors import ImageTooLargeError, InvalidImageError
+from leuk_fhir.sample_depth import declared_bits, deep_to_uint8
 
 #: Smallest side accepted for a cell image, in pixels.
 MIN_SIDE = 8
@@ -24,9 +27,11 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 
-def to_rgb_uint8(array: np.ndarray, where: str = "image") -> np.ndarray:
+def to_rgb_uint8(array: np.ndarray, where: str = "image", bits: int | None = None) -> np.ndarray:
     """Convert a (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array of any integer or float
-    dtype to RGB uint8 (alpha dropped, 16-bit scaled, floats read as 0..1)."""
+    dtype to RGB uint8 (alpha dropped, floats read as 0..1). Integers other than uint8 are
+    scaled by their sample depth, ``bits`` when the file declares it
+    (:func:`~leuk_fhir.sample_depth.deep_to_uint8`)."""
     a = np.asarray(array)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
@@ -47,8 +52,7 @@ def to_rgb_uint8(array: np.ndarray, where: str = "image") -> np.ndarray:
     if a.dtype == np.bool_:
         return a.astype(np.uint8) * 255
     if np.issubdtype(a.dtype, np.integer):
-        top = 65535 if a.max(initial=0) > 255 else 255
-        return np.clip(np.rint(a.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+        return deep_to_uint8(a, bits)
     if np.issubdtype(a.dtype, np.floating):
         if not np.all(np.isfinite(a)):
             raise InvalidImageError(f"{where}: image contains NaN or infinite values")
@@ -59,7 +63,7 @@ def to_rgb_uint8(array: np.ndarray, where: str = "image") -> np.ndarray:
 
 def _pil_to_rgb(image: Image.Image, where: str) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return to_rgb_uint8(np.asarray(image).astype(np.int64), where)
+        return to_rgb_uint8(np.asarray(image).astype(np.int64), where, declared_bits(image))
     if image.mode == "F":
         return to_rgb_uint8(np.asarray(image), where)
     if image.mode in ("RGBA", "LA", "P", "PA"):

@@ -48,6 +48,24 @@ def _subspaces_text(n_subspaces: int, cnn: dict[str, Any]) -> str:
     return f"{n_subspaces} sub-class subspace(s) per class"
 
 
+def _left_out_text(data: dict[str, Any]) -> str:
+    """Images left out for conflicting labels and files skipped, when there were any."""
+    text = ""
+    if data.get("duplicate_label_conflicts"):
+        # files written before conflicts were left out kept the first copy's label
+        fate = "left out" if "duplicate_conflicts" in data else "kept with one of the labels"
+        text += (
+            f"; images whose byte-identical copies carry different labels ({fate}): "
+            f"{data['duplicate_label_conflicts']}"
+        )
+    if data.get("skipped_files"):
+        text += (
+            f"; files or folders skipped (not images, outside the class folders, broken links, "
+            f"hidden folders): {data['skipped_files']}"
+        )
+    return text
+
+
 def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
     """Markdown model card for a model manifest."""
     lines = [f"# Model card: {manifest['name']} {manifest['version']}", ""]
@@ -88,7 +106,8 @@ def render_model_card(manifest: dict[str, Any], sha256: str) -> str:
         "## Training data",
         f"- Source: {data.get('source', 'unknown')}",
         f"- Images: {data.get('images', '?')} ({', '.join(f'{k}: {v}' for k, v in data.get('classes', {}).items())})",
-        f"- Byte-identical duplicates dropped: {data.get('duplicates_dropped', 0)}",
+        f"- Byte-identical duplicates dropped: {data.get('duplicates_dropped', 0)}"
+        + _left_out_text(data),
         f"- Data fingerprint (SHA-256 over file digests and labels): `{data.get('fingerprint', 'unknown')}`",
         "",
         "## Method",

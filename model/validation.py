@@ -21,9 +21,10 @@ import numpy as np
 
 from leuk_fhir.errors import DatasetError
 from leuk_fhir.model.classifier import CellClassifier
-from leuk_fhir.model.dataset import CellDataset
+from leuk_fhir.model.dataset import CellDataset, class_key
 from leuk_fhir.model.evaluation import (
     ERROR_SHEET_CELLS,
+    dropped_text,
     error_lines,
     figure_lines,
     per_class_lines,
@@ -46,10 +47,27 @@ HEADS = ("hosvd", "softmax")
 
 
 def match_classes(model_names: tuple[str, ...], data_names: tuple[str, ...]) -> np.ndarray:
-    """Index into ``model_names`` of each class of the data (names compared without regard to
-    case); raises :class:`DatasetError` for a class the model does not know."""
-    known = {name.casefold(): i for i, name in enumerate(model_names)}
-    unknown = [name for name in data_names if name.casefold() not in known]
+    """Index into ``model_names`` of each class of the data: the class of that exact name,
+    else the one class equal but for case, spacing or Unicode form. Raises
+    :class:`DatasetError` for a class the model does not know, one that matches several of
+    its classes, or two data classes that would be scored as one."""
+    folded: dict[str, list[int]] = {}
+    for i, name in enumerate(model_names):
+        folded.setdefault(class_key(name), []).append(i)
+    index: list[int] = []
+    for name in data_names:
+        if name in model_names:
+            index.append(model_names.index(name))
+            continue
+        candidates = folded.get(class_key(name), [])
+        if len(candidates) > 1:
+            raise DatasetError(
+                f"the data's class {name!r} could be any of the model's classes "
+                f"{[model_names[i] for i in candidates]}",
+                hint="name the class folder exactly as the model's class",
+            )
+        index.append(candidates[0] if candidates else -1)
+    unknown = [name for name, i in zip(data_names, index, strict=True) if i < 0]
     if unknown:
         raise DatasetError(
             f"the data has class(es) {unknown} that the model does not know; its classes are "
@@ -57,7 +75,14 @@ def match_classes(model_names: tuple[str, ...], data_names: tuple[str, ...]) -> 
             hint="name the class folders as the model's classes, or use --binary-positive to "
             "score a two-class model on a dataset of more classes",
         )
-    return np.array([known[name.casefold()] for name in data_names], dtype=np.int64)
+    for i in sorted(set(index)):
+        same = [name for name, j in zip(data_names, index, strict=True) if j == i]
+        if len(same) > 1:
+            raise DatasetError(
+                f"the data's classes {same} would all be scored as the model's {model_names[i]!r}",
+                hint="merge them into one folder, or rename them",
+            )
+    return np.array(index, dtype=np.int64)
 
 
 def validate_model(
@@ -266,7 +291,7 @@ def render_validation_markdown(report: dict[str, Any]) -> str:
         f"trained on `{trained.get('source')}` ({trained.get('images')} images).{demo}",
         "",
         f"Data: `{data['source']}`: {report['images']} images, classes {data['classes']}; "
-        f"{data['duplicates_dropped']} byte-identical duplicate(s) dropped; prepared as the "
+        f"{dropped_text(data)}prepared as the "
         f"model prepares every image ({model['image_size']} px, {framing}); "
         f"{report['seconds_total']:.0f} s on "
         f"{machine_text(report.get('machine'))}.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -294,6 +295,54 @@ def _crop_request(args: argparse.Namespace) -> float | None:
         raise InputError(f"--{exc}") from None
 
 
+def _writable(path: Path, folder: bool) -> None:
+    """Refuse, before any work, an ``--out`` that cannot be written: ``folder`` (else a file)
+    of the wrong kind, below a file, or in a folder where no file can be created. Nothing is
+    created: a failed run leaves no empty folder behind."""
+    if path.exists() and path.is_dir() != folder:
+        kind = "a file, not a folder" if folder else "a folder; give a file name inside it"
+        raise InputError(f"--out {path} is {kind}")
+    where = path if folder else path.parent
+    existing = next((p for p in (where, *where.parents) if p.exists()), Path.cwd())
+    if not existing.is_dir():
+        raise InputError(f"cannot write --out {path}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot write --out {path}: {exc.strerror or exc} ({existing})") from None
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Report a failure to write the results to ``path`` in one line (exit code 3)."""
+    try:
+        yield
+    except OSError as exc:
+        raise InputError(
+            f"cannot write {path}: {exc.strerror or exc}"
+            + (f" ({exc.filename})" if exc.filename else "")
+        ) from exc
+
+
+def _say_left_out(dataset: CellDataset) -> None:
+    """On stderr: the files not used, the duplicates dropped and the images left out."""
+    from leuk_fhir.model.dataset import skipped_text
+
+    if dataset.skipped:
+        print(skipped_text(dataset.skipped), file=sys.stderr)
+    duplicates = dataset.duplicates
+    if duplicates.count:
+        print(f"dropped {duplicates.count} byte-identical duplicate image(s)", file=sys.stderr)
+    if duplicates.conflicts:
+        print(
+            f"left out {len(duplicates.conflicts)} image(s) whose byte-identical copies carry "
+            f"different labels ({sum(map(len, duplicates.conflicts))} files): "
+            + duplicates.conflict_text(),
+            file=sys.stderr,
+        )
+
+
 def _load(args: argparse.Namespace, config: TrainingConfig) -> CellDataset:
     """Read the dataset and say how it is framed, what will train it on which machine, and
     what was grouped or dropped (on stderr)."""
@@ -327,16 +376,7 @@ def _load(args: argparse.Namespace, config: TrainingConfig) -> CellDataset:
             "no group is on both sides of a split",
             file=sys.stderr,
         )
-    if dataset.duplicates.count:
-        print(
-            f"dropped {dataset.duplicates.count} byte-identical duplicate image(s)"
-            + (
-                f"; {len(dataset.duplicates.conflicting_labels)} had conflicting labels"
-                if dataset.duplicates.conflicting_labels
-                else ""
-            ),
-            file=sys.stderr,
-        )
+    _say_left_out(dataset)
     return dataset
 
 
@@ -344,7 +384,10 @@ def _train(args: argparse.Namespace) -> int:
     from leuk_fhir.model.workflow import train_and_save
     from leuk_fhir.settings import load_settings
 
+    if args.cv_folds and args.cv_folds < 2:
+        raise InputError(f"--cv-folds must be 0 (none) or at least 2, not {args.cv_folds}")
     config = _config(args, load_settings(args.config).model.device)
+    _writable(args.out, folder=False)
     dataset = _load(args, config)
     keep = args.out.with_name(args.out.name + ".folds")
     with _kept_folds(keep, args.fresh):
@@ -370,14 +413,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     from leuk_fhir.model.fold_store import clear_folds
     from leuk_fhir.settings import load_settings
 
+    if args.folds < 2:
+        raise InputError(f"--folds must be at least 2, not {args.folds}")
     config = _config(args, load_settings(args.config).model.device)
+    _writable(args.out, folder=True)
     dataset = _load(args, config)
     keep = args.out / "folds"
     with _kept_folds(keep, args.fresh):
         report = cross_validate(
             dataset, args.folds, config, progress=True, workers=args.workers, keep=keep
         )
-    path = write_report(report, args.out)
+    with _writing(args.out):
+        path = write_report(report, args.out)
     clear_folds(keep)
     for head, s in report["heads"].items():
         low, high = s["accuracy_ci95"]
@@ -412,6 +459,7 @@ def _validate(args: argparse.Namespace) -> int:
     from leuk_fhir.model.dataset import load_dataset
     from leuk_fhir.model.validation import validate_model, write_validation_report
 
+    _writable(args.out, folder=True)
     settings, clf = _settings_and_classifier(args)
     if clf.info.is_demo:
         print(DEMO_WARNING, file=sys.stderr)
@@ -425,8 +473,10 @@ def _validate(args: argparse.Namespace) -> int:
         group_pattern=args.group_pattern,
         min_classes=1,
     )
+    _say_left_out(dataset)
     report = validate_model(clf, dataset, progress=True)
-    path = write_validation_report(report, args.out)
+    with _writing(args.out):
+        path = write_validation_report(report, args.out)
     if report["same_data_as_training"]:
         print(
             "WARNING: these are the images the model was trained on: the figures are training "
@@ -486,11 +536,15 @@ def _model_card(args: argparse.Namespace) -> int:
     from leuk_fhir.model.classifier import load_classifier
     from leuk_fhir.settings import load_settings
 
+    if args.out:
+        _writable(args.out, folder=False)
     settings = load_settings(args.config)
     clf = load_classifier(args.model or settings.model.path, device="cpu")
     text = clf.info.model_card_markdown or ""
     if args.out:
-        args.out.write_text(text, encoding="utf-8")
+        with _writing(args.out):
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text, encoding="utf-8")
         print(f"wrote {args.out}")
     else:
         print(text)

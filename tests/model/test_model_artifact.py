@@ -82,6 +82,60 @@ def test_corrupt_files_raise_model_artifact_error(
         load_classifier(path)
 
 
+def test_a_flipped_byte_in_compressed_data_is_a_model_artifact_error(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    raw = bytearray(tiny_model.read_bytes())
+    with zipfile.ZipFile(tiny_model) as archive:
+        largest = max(archive.infolist(), key=lambda i: i.compress_size)
+    start = largest.header_offset + 30 + len(largest.filename.encode()) + len(largest.extra)
+    raw[start + 1] ^= 0xFF  # inside the deflate stream: zlib.error, not a CRC mismatch
+    path = tmp_path / "zlib.lfm"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ModelArtifactError, match="corrupt or truncated"):
+        read_artifact(path)
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        ([1, 2], "not a leuk-fhir model file \\(format \\[1, 2\\]\\)"),
+        ("text", "not a leuk-fhir model file"),
+        ({"entries": []}, "entries are malformed"),
+        ({"entries": {"arrays/cnn/x.npy": "abc"}}, "entries are malformed"),
+    ],
+)
+def test_a_manifest_of_the_wrong_shape_is_a_model_artifact_error(
+    tiny_model: Path, tmp_path: Path, manifest: object, message: str
+) -> None:
+    def change(name: str, data: bytes) -> bytes:
+        if name != "manifest.json":
+            return data
+        if isinstance(manifest, dict):
+            return json.dumps({**json.loads(data), **manifest}).encode()
+        return json.dumps(manifest).encode()
+
+    with pytest.raises(ModelArtifactError, match=message):
+        read_artifact(_rewrite(tiny_model, tmp_path / "shape.lfm", change))
+
+
+def test_a_model_file_that_cannot_be_written_leaves_no_partial_file(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    from leuk_fhir.model.artifact import write_artifact
+
+    artifact = read_artifact(tiny_model)
+    manifest = {k: v for k, v in artifact.manifest.items() if k != "entries"}
+    folder = tmp_path / "model.lfm"
+    folder.mkdir()  # the path is a folder: the final rename fails
+    with pytest.raises(ModelArtifactError, match="cannot write model file .*model.lfm"):
+        write_artifact(folder, manifest, artifact.cnn_state, artifact.hosvd_arrays)
+    assert not (tmp_path / "model.lfm.tmp").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ModelArtifactError, match="cannot write model file"):
+        write_artifact(tmp_path / "file" / "m.lfm", manifest, artifact.cnn_state, {})
+
+
 def test_tampered_entry_is_detected(tiny_model: Path, tmp_path: Path) -> None:
     def change(name: str, data: bytes) -> bytes:
         if name == "arrays/hosvd/ood_thresholds.npy":

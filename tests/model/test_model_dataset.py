@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from leuk_fhir.errors import DatasetError, InvalidImageError
-from leuk_fhir.model.dataset import list_images, load_dataset, stratified_folds
+from leuk_fhir.model.dataset import list_images, load_dataset, skipped_text, stratified_folds
 from leuk_fhir.model.synthetic import generate_cell
 
 LIMIT = 64_000_000
@@ -72,8 +72,24 @@ def test_stratified_folds_are_deterministic_and_balanced() -> None:
         (a[1] == b[1]).all()
         for a, b in zip(folds, stratified_folds(labels, 5, seed=3), strict=True)
     )
-    with pytest.raises(DatasetError, match="fewer than 11 folds"):
+    with pytest.raises(DatasetError, match="fewer than the 11 that 11 folds need"):
         stratified_folds(labels, 11)
+
+
+def test_folds_refuse_a_class_too_small_for_the_hosvd_head() -> None:
+    """Every training part needs two images of each class (the HOSVD head's inner
+    cross-validation): 2 folds need 4 per class, refused up front rather than after training."""
+    labels = np.array(["a"] * 10 + ["b"] * 3)
+    with pytest.raises(DatasetError, match="class 'b' has 3 image\\(s\\), fewer than the 4 that 2"):
+        stratified_folds(labels, 2)
+    assert len(stratified_folds(labels, 3)) == 3  # 3 folds: each trains on 2 of the 3
+    for train, _ in stratified_folds(np.array(["a"] * 10 + ["b"] * 4), 2):
+        assert (np.array(["a"] * 10 + ["b"] * 4)[train] == "b").sum() >= 2
+    with pytest.raises(DatasetError, match="at least 2 folds, not 1"):
+        stratified_folds(labels, 1)
+    groups = np.array([f"g{i}" for i in range(10)] + ["x", "y", "y"])
+    with pytest.raises(DatasetError, match="would train on 1 image\\(s\\) of class 'b'"):
+        stratified_folds(labels, 3, groups=groups)
 
 
 def test_byte_identical_duplicates_are_dropped_and_reported(tmp_path: Path) -> None:
@@ -83,10 +99,106 @@ def test_byte_identical_duplicates_are_dropped_and_reported(tmp_path: Path) -> N
     shutil.copy(tmp_path / "blast" / "b0.png", tmp_path / "blast" / "copy.png")
     shutil.copy(tmp_path / "blast" / "b1.png", tmp_path / "normal" / "mislabelled.png")
     ds = load_dataset(tmp_path, image_size=24, max_pixels=LIMIT)
-    assert len(ds.labels) == 6
-    assert ds.duplicates.count == 2
-    assert ds.duplicates.conflicting_labels == (str(tmp_path / "blast" / "b1.png"),)
-    assert ds.summary()["duplicates_dropped"] == 2
+    # b1.png is in both classes: its label is unknown, so neither copy is used
+    assert ds.counts() == {"blast": 2, "normal": 3}
+    assert str(tmp_path / "blast" / "b1.png") not in ds.paths
+    assert ds.duplicates.dropped == ((str(tmp_path / "blast" / "copy.png"), ds.paths[0]),)
+    conflict = (
+        (str(tmp_path / "blast" / "b1.png"), "blast"),
+        (str(tmp_path / "normal" / "mislabelled.png"), "normal"),
+    )
+    assert ds.duplicates.conflicts == (conflict,)
+    summary = ds.summary()
+    assert summary["duplicates_dropped"] == 1 and summary["duplicate_label_conflicts"] == 1
+    assert summary["duplicate_conflicts"] == [[{"path": p, "label": c} for p, c in conflict]]
+
+
+def test_a_class_emptied_by_conflicting_copies_is_an_error(tmp_path: Path) -> None:
+    for i in range(3):
+        _save(tmp_path / "lymphocyte" / f"l{i}.png", "normal", i)
+        _save(tmp_path / "neutrophil" / f"n{i}.png", "blast", 20 + i)
+    shutil.copytree(tmp_path / "lymphocyte", tmp_path / "monocyte")
+    with pytest.raises(DatasetError, match="class 'lymphocyte' has no images left"):
+        load_dataset(tmp_path, image_size=24, max_pixels=LIMIT)
+
+
+def test_class_names_that_differ_only_in_case_are_refused(tmp_path: Path) -> None:
+    for i in range(2):
+        _save(tmp_path / "ALL" / f"a{i}.png", "blast", i)
+        _save(tmp_path / "all" / f"b{i}.png", "blast", 10 + i)
+        _save(tmp_path / "normal" / f"n{i}.png", "normal", 20 + i)
+    with pytest.raises(DatasetError, match="classes 'ALL' and 'all' differ only in case"):
+        load_dataset(tmp_path, image_size=24, max_pixels=LIMIT)
+    with pytest.raises(DatasetError, match="differ only in case"):  # validate reads it alike
+        load_dataset(tmp_path, image_size=24, max_pixels=LIMIT, min_classes=1)
+    shutil.move(tmp_path / "all", tmp_path / "normal ")  # a trailing space
+    with pytest.raises(DatasetError, match="'normal' and 'normal ' differ only in case, spacing"):
+        load_dataset(tmp_path, image_size=24, max_pixels=LIMIT)
+
+
+def test_a_class_of_one_image_is_refused_before_training(tmp_path: Path) -> None:
+    for i in range(4):
+        _save(tmp_path / "lymphocyte" / f"l{i}.png", "normal", i)
+    _save(tmp_path / "neutrophil" / "n0.png", "blast", 20)
+    with pytest.raises(DatasetError, match="class 'neutrophil' has 1 image; training needs at le"):
+        load_dataset(tmp_path, image_size=24, max_pixels=LIMIT)
+    # scoring a trained model needs no minimum
+    assert load_dataset(tmp_path, 24, LIMIT, min_classes=1).counts()["neutrophil"] == 1
+
+
+def test_files_not_used_are_reported_and_hidden_folders_skipped(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for i in range(3):
+        _save(data / "lymphocyte" / f"l{i}.png", "normal", i)
+        _save(data / "neutrophil" / f"n{i}.png", "blast", 20 + i)
+        _save(tmp_path / "elsewhere" / f"e{i}.png", "blast", 40 + i)
+        _save(data / "lymphocyte" / ".thumbnails" / f"t{i}.png", "normal", 60 + i)
+        _save(data / "neutrophil" / "@eaDir" / f"s{i}.png", "blast", 80 + i)
+    (data / "neutrophil" / "more").symlink_to(tmp_path / "elsewhere")
+    (data / "neutrophil" / "again").symlink_to(data / "neutrophil")  # a loop
+    (data / "neutrophil" / "broken.png").symlink_to(tmp_path / "gone.png")
+    _save(data / "stray.png", "blast", 99)
+    (data / "README.txt").write_text("cells")
+    ds = load_dataset(data, image_size=24, max_pixels=LIMIT)
+    # the linked folder is followed (read once); hidden and system folders are not data
+    assert ds.counts() == {"lymphocyte": 3, "neutrophil": 6}
+    assert not [p for p in ds.paths if ".thumbnails" in p or "@eaDir" in p]
+    assert {(s.path, s.reason) for s in ds.skipped} == {
+        ("README.txt", "not an image"),
+        ("stray.png", "image outside class folders"),
+        ("lymphocyte/.thumbnails", "hidden or system folder"),
+        ("neutrophil/@eaDir", "hidden or system folder"),
+        ("neutrophil/again", "linked folder already read"),
+        ("neutrophil/broken.png", "broken link"),
+    }
+    summary = ds.summary()
+    assert summary["skipped_files"] == 6
+    assert {"path": "stray.png", "reason": "image outside class folders"} in summary["skipped"]
+    text = skipped_text(ds.skipped)
+    assert text.startswith("skipped 6 file(s) or folder(s): 1 image outside class folders, 1 ")
+    assert "(e.g. stray.png, neutrophil/broken.png, " in text
+
+
+def test_a_manifest_that_is_not_utf8_and_row_errors_name_the_line(tmp_path: Path) -> None:
+    _save(tmp_path / "café.png", "blast", 1)
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("path,label\ncafé.png,blast\n".encode("cp1252"))
+    with pytest.raises(DatasetError, match="is not UTF-8 text \\(byte 0xe9 at position 14\\)"):
+        load_dataset(latin1, 24, LIMIT)
+    missing = tmp_path / "missing.csv"
+    missing.write_text("path,label\ncafé.png,blast\n\nnone.png,normal\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match="line 4: image .*none.png does not exist"):
+        load_dataset(missing, 24, LIMIT)
+
+
+def test_all_idb_naming_ignores_case_and_names_the_odd_files(tmp_path: Path) -> None:
+    for i in range(3):
+        _save(tmp_path / f"im{i:03d}_1.tif", "blast", i)
+        _save(tmp_path / f"Im{10 + i:03d}_0.jpg", "normal", 10 + i)
+    assert len(list_images(tmp_path)) == 6
+    _save(tmp_path / "Im001_1 (copy).png", "blast", 50)
+    with pytest.raises(DatasetError, match=r"6 of 7 images follow the ALL-IDB .*: Im001_1 \(copy"):
+        list_images(tmp_path)
 
 
 def test_binary_relabelling(tmp_path: Path) -> None:
@@ -122,7 +234,7 @@ def test_bad_datasets_give_clear_errors(tmp_path: Path) -> None:
         load_dataset(one, 24, LIMIT)
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("path,label\nonly-a-path\n")
-    with pytest.raises(DatasetError, match="row 1"):
+    with pytest.raises(DatasetError, match="line 2"):
         load_dataset(bad_csv, 24, LIMIT)
 
 

@@ -38,8 +38,35 @@ def test_other_modes_become_rgb_uint8(mode: str) -> None:
         fmt = "JPEG" if mode == "CMYK" else "PNG"
     out = decode_image(_encode(image, fmt), LIMIT)
     assert out.dtype == np.uint8 and out.shape == (48, 48, 3)
-    if mode == "I;16":  # 16-bit scaled to 8-bit, not clipped to white
-        assert abs(int(out.mean()) - int(np.asarray(cell.convert("L")).mean())) <= 2
+    if mode == "I;16":  # full-range 16-bit scaled to 8-bit, not clipped to white
+        gray = np.asarray(cell.convert("L"))
+        assert abs(out.mean() - gray.mean()) <= 1
+
+
+def test_16_bit_images_scale_by_their_sample_depth() -> None:
+    """One pixel above 255 used to switch the divisor from 255 to 65535 (mean 157 -> 1), and
+    12-bit camera data in 16-bit files came out nearly black. Now the depth class of the
+    brightest sample decides (leuk_fhir.sample_depth), never the image's own contrast."""
+    gray = np.asarray(Image.fromarray(generate_cell("normal", 2, 48)).convert("L"))
+    wide = gray.astype(np.uint16)
+
+    def decoded(pixels: np.ndarray, fmt: str = "TIFF") -> np.ndarray:
+        return decode_image(_encode(Image.fromarray(pixels), fmt), LIMIT)
+
+    eight_bit = decode_image(_encode(Image.fromarray(gray)), LIMIT)
+    assert np.array_equal(decoded(wide), eight_bit)  # values up to 255 stay as they are
+    ten = wide * 4  # 10-bit data: scaled by 1023 whatever its brightest pixel
+    dimmer = ten.copy()
+    dimmer[ten > 700] = 700
+    kept = ten <= 700
+    assert np.array_equal(decoded(ten)[kept], decoded(dimmer)[kept])
+    assert abs(decoded(ten).mean() - eight_bit.mean()) < 1.5
+    twelve = (wide.astype(np.uint32) * 4095 // int(wide.max())).astype(np.uint16)
+    assert decoded(twelve).max() == 255 and decoded(twelve, "PNG").mean() > 0.8 * eight_bit.mean()
+    # a file that declares its top value (TIFF SMaxSampleValue) is scaled by it
+    declared = io.BytesIO()
+    Image.fromarray(twelve).save(declared, format="TIFF", tiffinfo={341: 8190})
+    assert abs(int(decode_image(declared.getvalue(), LIMIT).max()) - 128) <= 1
 
 
 def test_rgba_transparency_is_composited_on_white() -> None:
