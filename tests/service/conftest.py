@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -91,3 +92,26 @@ def live_server() -> Iterator[Callable[[Flask], LiveServer]]:
     yield start
     for server in servers:
         server.close()
+
+
+def wait_for(client, analysis_id: str, timeout_s: float = 120.0) -> dict:
+    """Poll an analysis until it is completed or failed; its API view."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body = client.get(f"/v1/analyses/{analysis_id}").get_json()
+        if body["status"] in ("completed", "failed"):
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"analysis {analysis_id} did not finish in {timeout_s}s")
+
+
+@pytest.fixture
+def running_app(make_app):
+    """A started app (workers, demo model) once it is ready."""
+    app = make_app(start=True)
+    client = app.test_client()
+    deadline = time.monotonic() + 120
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/readyz").get_json()
+        time.sleep(0.1)
+    return app

@@ -16,6 +16,8 @@ from PIL import Image
 from leuk_fhir.errors import ConflictError
 from leuk_fhir.service.events import EventBroker
 
+from .conftest import wait_for  # type: ignore[import-not-found]
+
 
 def _submit(client, image: bytes, **fields: str):
     return client.post("/v1/analyses", data={"image": (io.BytesIO(image), "cell.png"), **fields})
@@ -115,38 +117,17 @@ def test_an_event_stream_ends_after_its_maximum_age() -> None:
 # ---- with analyses run by the demo model ---------------------------------------------------
 
 
-def _wait(client, analysis_id: str) -> dict:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        body = client.get(f"/v1/analyses/{analysis_id}").get_json()
-        if body["status"] in ("completed", "failed"):
-            return body
-        time.sleep(0.1)
-    raise AssertionError(f"analysis {analysis_id} did not finish")
-
-
-@pytest.fixture
-def running(make_app):
-    app = make_app(start=True)
-    client = app.test_client()
-    deadline = time.monotonic() + 120
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    return app, client
-
-
 def _run(client, image: bytes, **fields: str) -> dict:
     response = _submit(client, image, **fields)
     assert response.status_code == 202, response.get_json()
-    body = _wait(client, response.get_json()["id"])
+    body = wait_for(client, response.get_json()["id"])
     assert body["status"] == "completed", body
     return body
 
 
 @pytest.mark.slow
-def test_the_same_image_for_two_patients_gives_each_their_own_report(running, cell_png) -> None:
-    app, client = running
+def test_the_same_image_for_two_patients_gives_each_their_own_report(running_app, cell_png) -> None:
+    app, client = running_app, running_app.test_client()
     outbox = app.extensions["leuk_fhir"].outbox
     image = cell_png("blast", 7)
     alice = _run(client, image, patient_identifier="MRN-AAA", ordering_practitioner="Practitioner/a")
@@ -175,8 +156,8 @@ def test_the_same_image_for_two_patients_gives_each_their_own_report(running, ce
     (b'{"signed_off_by": 123}', "application/json", "must be a string"),
     (b'{"signed_off_by": "Dr X", "comment": 5}', "application/json", "must be a string"),
 ])
-def test_a_broken_sign_off_changes_nothing(running, cell_png, raw, content_type, words) -> None:
-    app, client = running
+def test_a_broken_sign_off_changes_nothing(running_app, cell_png, raw, content_type, words) -> None:
+    client = running_app.test_client()
     analysis = _run(client, cell_png("normal", 3))
     response = client.post(f"/v1/analyses/{analysis['id']}/sign-off", data=raw,
                            content_type=content_type)
@@ -188,9 +169,9 @@ def test_a_broken_sign_off_changes_nothing(running, cell_png, raw, content_type,
 
 
 @pytest.mark.slow
-def test_of_two_concurrent_sign_offs_one_wins_and_every_record_names_it(running, cell_png) -> None:
-    app, client = running
-    service = app.extensions["leuk_fhir"]
+def test_of_two_concurrent_sign_offs_one_wins_and_every_record_names_it(running_app, cell_png) -> None:
+    client = running_app.test_client()
+    service = running_app.extensions["leuk_fhir"]
     for seed in range(3):
         analysis = _run(client, cell_png("normal", 20 + seed))
         barrier = threading.Barrier(2)

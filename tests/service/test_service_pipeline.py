@@ -13,17 +13,9 @@ import time
 import pytest
 import requests
 
+from .conftest import wait_for  # type: ignore[import-not-found]
+
 pytestmark = pytest.mark.slow
-
-
-def wait_for(client, analysis_id: str, timeout_s: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        body = client.get(f"/v1/analyses/{analysis_id}").get_json()
-        if body["status"] in ("completed", "failed"):
-            return body
-        time.sleep(0.1)
-    raise AssertionError(f"analysis {analysis_id} did not finish in {timeout_s}s")
 
 
 def submit(client, image: bytes, name: str = "cell.png", **fields: str) -> str:
@@ -34,17 +26,6 @@ def submit(client, image: bytes, name: str = "cell.png", **fields: str) -> str:
 
 def _entries(bundle: dict, resource_type: str) -> list[dict]:
     return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == resource_type]
-
-
-@pytest.fixture
-def running_app(make_app):
-    app = make_app(start=True)
-    client = app.test_client()
-    deadline = time.monotonic() + 120
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/readyz").get_json()
-        time.sleep(0.1)
-    return app
 
 
 def test_blast_cell_runs_end_to_end_alerts_and_is_signed_off(running_app, live_server, cell_png) -> None:
