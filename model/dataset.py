@@ -39,12 +39,14 @@ from pathlib import Path
 
 import numpy as np
 
-from leuk_fhir.errors import DatasetError
+from leuk_fhir.errors import DatasetError, ImageTooLargeError, InvalidImageError
 from leuk_fhir.model.framing import Framing, choose_crop, sample_indices
 from leuk_fhir.model.images import IMAGE_EXTENSIONS, decode_image, pad_to_square, square_resize
 
 ALL_IDB_PATTERN = re.compile(r"^Im\d+_([01])\.[A-Za-z0-9]+$", re.IGNORECASE)
 ALL_IDB_LABELS = {"1": "blast", "0": "normal"}
+#: Unusable images named in the error message (all are counted).
+UNREADABLE_SHOWN = 10
 #: C-NMC 2019 cell names (UID_11_10_1_all.bmp, UID_H10_43_1_hem.bmp): group 1 is the subject.
 CNMC_PATTERN = re.compile(r"^UID_(H?\d+)_\d+_\d+_(?:all|hem)\.[A-Za-z0-9]+$", re.IGNORECASE)
 
@@ -488,13 +490,20 @@ def load_dataset(
             "least 2 images per class",
             hint="add images of that class, or remove its folder",
         )
+    unreadable: dict[str, str] = {}  # every image that cannot be used, named at once
+
+    def decoded(i: int) -> np.ndarray | None:
+        try:
+            return decode_image(_read_unchanged(items[i], digests[i]), max_pixels, str(items[i].path))
+        except (InvalidImageError, ImageTooLargeError) as exc:
+            unreadable[str(items[i].path)] = str(exc)
+            return None
+
     if crop is None:
-        sample = sample_indices(len(items))
         framing = choose_crop(
-            pad_to_square(
-                decode_image(_read_unchanged(items[i], digests[i]), max_pixels, str(items[i].path))
-            )
-            for i in sample
+            pad_to_square(image)
+            for image in map(decoded, sample_indices(len(items)))
+            if image is not None
         )
     else:
         framing = Framing(crop, "fixed")
@@ -505,9 +514,16 @@ def load_dataset(
 
         iterator = iter(tqdm(range(len(items)), desc="decoding images", unit="img"))
     for i in iterator:
-        raw = _read_unchanged(items[i], digests[i])
-        images[i] = square_resize(
-            decode_image(raw, max_pixels, where=str(items[i].path)), image_size, framing.crop
+        image = decoded(i)
+        if image is not None:
+            images[i] = square_resize(image, image_size, framing.crop)
+    if unreadable:
+        shown = list(unreadable.values())[:UNREADABLE_SHOWN]
+        more = len(unreadable) - len(shown)
+        raise DatasetError(
+            f"{source}: {len(unreadable)} of {len(items)} image(s) cannot be used: "
+            + "; ".join(shown) + (f"; and {more} more" if more > 0 else ""),
+            hint="replace or remove these files (all of them are listed in one go)",
         )
     fingerprint = hashlib.sha256()
     for item, digest in sorted(zip(items, digests, strict=True), key=lambda t: str(t[0].path)):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leuk_fhir.errors import DatasetError, InvalidImageError
+from leuk_fhir.errors import DatasetError
 from leuk_fhir.model.dataset import list_images, load_dataset, skipped_text, stratified_folds
 from leuk_fhir.model.synthetic import generate_cell
 
@@ -230,8 +230,10 @@ def test_bad_datasets_give_clear_errors(tmp_path: Path) -> None:
         load_dataset(one, 24, LIMIT)
     _save(one / "normal" / "c.png", "normal", 3)
     (one / "normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    with pytest.raises(InvalidImageError, match="broken.png"):
-        load_dataset(one, 24, LIMIT)
+    (one / "blast" / "cut.png").write_bytes(_save(one / "whole.png", "blast", 4).read_bytes()[:200])
+    # every unusable image is named in one go, not one per run
+    with pytest.raises(DatasetError, match=r"2 of 5 image\(s\) cannot be used: .*(broken|cut)\.png.*(broken|cut)\.png"):
+        load_dataset(one, 24, LIMIT, crop=None)
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("path,label\nonly-a-path\n")
     with pytest.raises(DatasetError, match="line 2"):
