@@ -180,10 +180,14 @@ def submit_analysis() -> tuple[dict[str, Any], int, dict[str, str]]:
     submitted_by = current_principal().name
     uploads: list[tuple[Any, str | None, str | None]] = []
     if request.mimetype == "multipart/form-data":
-        for key in request.files:
-            for f in request.files.getlist(key):
-                if f.filename or f.mimetype:
-                    uploads.append((f.stream, f.filename, f.mimetype))
+        others = sorted(set(request.files) - {"image"})
+        if others:
+            raise InputError(
+                f"unexpected file field(s) {others}: send each image as the field 'image'"
+            )
+        for f in request.files.getlist("image"):
+            if f.filename or f.mimetype:
+                uploads.append((f.stream, f.filename, f.mimetype))
     elif request.mimetype and request.mimetype.startswith(_RAW_TYPES):
         uploads.append((request.stream, request.args.get("filename"), request.mimetype))
     if not uploads:

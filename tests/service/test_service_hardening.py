@@ -55,6 +55,15 @@ def test_an_image_too_small_to_analyse_is_refused_at_the_door(make_app) -> None:
     assert app.extensions["leuk_fhir"].store.count_by_status() == {}
 
 
+def test_files_only_under_the_documented_field(make_app, cell_png) -> None:
+    app = make_app()
+    response = app.test_client().post(
+        "/v1/analyses", data={"file": (io.BytesIO(cell_png()), "cell.png")})
+    assert response.status_code == 400
+    assert "'image'" in response.get_json()["detail"]
+    assert app.extensions["leuk_fhir"].store.count_by_status() == {}
+
+
 def test_good_order_fields_are_taken(make_app, cell_png) -> None:
     app = make_app()
     client = app.test_client()
