@@ -9,7 +9,9 @@ stderr and the error's exit code.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,13 +49,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        # Flush here, not at interpreter exit, so a reader that went away is handled below.
+        sys.stdout.flush()
+        return code
     except LeukFhirError as exc:
         print(f"leuk-fhir: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("leuk-fhir: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (``leuk-fhir analyze --json | head``): stop quietly,
+        # like a tool killed by SIGPIPE, without a traceback or a failed flush at exit.
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+#: 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe.
+EXIT_BROKEN_PIPE = 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass  # stdout is not a real file (captured in tests): nothing left to flush
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ Precedence (last wins): built-in defaults, ``[section]`` tables of a TOML file
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -135,15 +137,21 @@ class Settings:
         return dataclasses.replace(self, **top)
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Convert a TOML or environment value to the field's annotated type."""
+def _coerce(value: Any, annotation: Any, where: str, *, from_env: bool = False) -> Any:
+    """Convert a TOML or environment value to the field's annotated type.
+
+    Environment values are text and are parsed; TOML values already carry a type, which must
+    match the field's (an integer for a port, a boolean for a flag), as the docs promise.
+    """
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (types.UnionType, typing.Union):
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        return _coerce(value, inner[0], where, from_env=from_env)
+    if not from_env:
+        _check_toml_type(value, annotation, where)
     try:
         if annotation is bool:
             if isinstance(value, bool):
@@ -157,38 +165,154 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if annotation is int:
             return int(value)
         if annotation is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError(value)
+            return number
         if annotation is Path:
+            if not str(value).strip():
+                raise ValueError(value)
             return Path(value).expanduser()
         if origin is tuple:
             items = value if isinstance(value, list | tuple) else str(value).split(",")
             return tuple(str(i).strip() for i in items if str(i).strip())
         if annotation is str:
+            if not str(value).strip():
+                raise ValueError(value)
             return str(value)
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"invalid value {value!r} for {where}") from exc
     return value
 
 
-def _build(cls: type, values: Mapping[str, Any], env: Mapping[str, str], prefix: str) -> Any:
+_TOML_TYPES: dict[Any, tuple[type, ...]] = {
+    bool: (bool,),
+    int: (int,),
+    float: (int, float),
+    str: (str,),
+    Path: (str,),
+}
+_TOML_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+                    Path: "a path string"}
+
+
+def _check_toml_type(value: Any, annotation: Any, where: str) -> None:
+    """Reject a TOML value whose type does not match the field (``port = 1.5``, ``"8000"``)."""
+    if typing.get_origin(annotation) is tuple:
+        if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
+            raise ConfigurationError(f"{where} must be a list of strings, not {value!r}")
+        return
+    expected = _TOML_TYPES.get(annotation)
+    if expected is None:
+        return
+    # bool is a subclass of int: ``port = true`` is not a port.
+    if not isinstance(value, expected) or (annotation is not bool and isinstance(value, bool)):
+        raise ConfigurationError(
+            f"{where} must be {_TOML_TYPE_NAMES[annotation]}, not {type(value).__name__} {value!r}"
+        )
+
+
+def _range(low: float | None = None, high: float | None = None, *, strict: bool = False) -> Any:
+    def check(value: Any) -> str | None:
+        if low is not None and (value <= low if strict else value < low):
+            return f"must be {'greater than' if strict else 'at least'} {low:g}"
+        if high is not None and value > high:
+            return f"must be at most {high:g}"
+        return None
+
+    return check
+
+
+def _one_of(*choices: str, pattern: str | None = None, fold_case: bool = False) -> Any:
+    def check(value: Any) -> str | None:
+        text = str(value).strip().lower() if fold_case else str(value)
+        if text in choices or (pattern is not None and re.fullmatch(pattern, text)):
+            return None
+        return f"must be one of {' | '.join(choices)}" + (" or e.g. cuda:0" if pattern else "")
+
+    return check
+
+
+def _http_url(value: Any) -> str | None:
+    if re.match(r"https?://[^/\s]+", str(value).strip(), re.IGNORECASE):
+        return None
+    return "must be an http:// or https:// URL"
+
+
+_PORT = _range(0, 65535)  # 0: any free port
+_POSITIVE_INT = _range(1)
+_POSITIVE_S = _range(0, strict=True)
+
+#: Value checks per ``section.field``; each returns None or what is wrong.
+_CHECKS: dict[str, Any] = {
+    "model.device": _one_of("auto", "cpu", "cuda", "mps", pattern=r"cuda:\d+"),
+    "model.batch_size": _POSITIVE_INT,
+    "model.threads": _range(0),
+    "image.max_pixels": _POSITIVE_INT,
+    "image.max_bytes": _POSITIVE_INT,
+    "image.tile_size": _POSITIVE_INT,
+    "dicom.port": _PORT,
+    "dicom.ae_title": lambda v: None if 0 < len(v.strip()) <= 16 else "must be 1 to 16 characters",
+    "dicom.analysis_unit": _one_of("instance", "study"),
+    "dicom.study_idle_s": _POSITIVE_S,
+    "fhir.base_url": _http_url,
+    "fhir.auth": _one_of("none", "bearer", "basic", "smart-backend", "smart", fold_case=True),
+    "fhir.timeout_s": _POSITIVE_S,
+    "fhir.max_cell_observations": _range(0),
+    "outbox.max_attempts": _POSITIVE_INT,
+    "outbox.backoff_initial_s": _POSITIVE_S,
+    "outbox.backoff_max_s": _POSITIVE_S,
+    "outbox.poll_interval_s": _POSITIVE_S,
+    "outbox.lease_s": _POSITIVE_S,
+    "service.port": _PORT,
+    "service.workers": _POSITIVE_INT,
+    "service.queue_size": _POSITIVE_INT,
+    "service.max_request_bytes": _POSITIVE_INT,
+    "service.rate_limit_per_minute": _range(0),  # 0: no limit
+}
+
+
+def _build(
+    cls: type, values: Mapping[str, Any], env: Mapping[str, str], prefix: str, section: str = ""
+) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for f in dataclasses.fields(cls):
         annotation = hints[f.name]
         env_name = f"{prefix}{f.name.upper()}"
+        key = f"{section}.{f.name}" if section else f.name
         if dataclasses.is_dataclass(annotation):
             sub = values.get(f.name, {})
             if not isinstance(sub, Mapping):
                 raise ConfigurationError(f"[{f.name}] must be a table in the config file")
-            kwargs[f.name] = _build(typing.cast(type, annotation), sub, env, f"{env_name}_")
-        elif env_name in env:
-            kwargs[f.name] = _coerce(env[env_name], annotation, env_name)
+            kwargs[f.name] = _build(
+                typing.cast(type, annotation), sub, env, f"{env_name}_", f.name
+            )
+            continue
+        if env_name in env:
+            kwargs[f.name] = _coerce(env[env_name], annotation, env_name, from_env=True)
+            sources[f.name] = env_name
         elif f.name in values:
-            kwargs[f.name] = _coerce(values[f.name], annotation, f.name)
+            kwargs[f.name] = _coerce(values[f.name], annotation, key)
+            sources[f.name] = key
+        else:
+            continue
+        check = _CHECKS.get(key)
+        problem = check(kwargs[f.name]) if check is not None and kwargs[f.name] is not None else None
+        if problem:
+            raise ConfigurationError(f"invalid value {kwargs[f.name]!r} for {sources[f.name]}: {problem}")
     unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-        raise ConfigurationError(f"unknown setting(s) {sorted(unknown)} in config file")
-    return cls(**kwargs)
+        names = sorted(f"{section}.{u}" if section else u for u in unknown)
+        raise ConfigurationError(f"unknown setting(s) {names} in config file")
+    built = cls(**kwargs)
+    if section == "outbox" and built.backoff_max_s < built.backoff_initial_s:
+        raise ConfigurationError(
+            f"outbox.backoff_max_s ({built.backoff_max_s:g}) is below "
+            f"outbox.backoff_initial_s ({built.backoff_initial_s:g})"
+        )
+    return built
 
 
 def load_settings(
@@ -204,6 +328,8 @@ def load_settings(
             values = tomllib.loads(Path(config_file).read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigurationError(f"cannot read config file {config_file}: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigurationError(f"config file {config_file} is not UTF-8 text: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigurationError(f"config file {config_file} is not valid TOML: {exc}") from exc
     return _build(Settings, values, env, ENV_PREFIX)

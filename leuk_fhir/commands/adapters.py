@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_analyze)
 
     p = subparsers.add_parser("dicom-listen", help="run the DICOM C-STORE SCP alone (Ctrl-C stops)")
-    p.add_argument("--dicom-port", type=int, help="TCP port (default: settings dicom.port, 11112)")
+    p.add_argument("--dicom-port", type=_port, help="TCP port (default: settings dicom.port, 11112)")
     p.add_argument("--ae-title", help="our AE title (default: settings dicom.ae_title)")
     p.add_argument("--host", help="address to bind (default: settings dicom.host)")
     p.add_argument(
@@ -77,6 +77,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--analyze", action="store_true", help="analyse the pulled study")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_pull)
+
+
+def _port(text: str) -> int:
+    """argparse type of a TCP port: 0 (any free port) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0 to 65535, not {port}")
+    return port
 
 
 def _jsonable(value: Any) -> Any:

@@ -155,3 +155,26 @@ def test_pull_command_against_orthanc(
     )
     doc = json.loads(capsys.readouterr().out)
     assert code == 0 and len(doc["stored"]) == 1 and Path(doc["stored"][0]).is_file()
+
+
+@pytest.mark.parametrize("port", ["-5", "70000", "eleven"])
+def test_dicom_listen_rejects_a_bad_port_as_a_usage_error(
+    port: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["dicom-listen", "--dicom-port", port])
+    assert exc.value.code == 2
+    assert "--dicom-port" in capsys.readouterr().err
+
+
+def test_analyze_with_a_bad_config_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "leuk.toml"
+    config.write_text('[model]\ndevice = "tpu"\n')
+    assert main(["--config", str(config), "analyze", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "leuk-fhir: error: invalid value 'tpu' for model.device: "
+        "must be one of auto | cpu | cuda | mps or e.g. cuda:0"
+    ]
