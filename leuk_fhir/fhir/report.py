@@ -197,7 +197,8 @@ def _human_name(name: str) -> dict[str, Any]:
 _SEX = {"M": "male", "F": "female", "O": "other", "U": "unknown"}
 
 
-def _gender(sex: str | None) -> str | None:
+def fhir_gender(sex: str | None) -> str | None:
+    """FHIR ``gender`` for DICOM M/F/O/U or a FHIR code; FhirMappingError for anything else."""
     if not sex:
         return None
     s = sex.strip()
@@ -289,7 +290,7 @@ def _report_content(
         f"Name: {_human_name(p.name)['text'] if p.name else 'not given'}",
         f"Identifier: {p.identifier or 'not given'}",
         f"Birth date: {p.birth_date.isoformat() if p.birth_date else 'not given'}",
-        f"Sex: {_gender(p.sex) or 'not given'}",
+        f"Sex: {fhir_gender(p.sex) or 'not given'}",
     )
     specimen = (
         f"Type: {s.type}",
@@ -429,7 +430,7 @@ def build_report_bundle(
         patient["name"] = [_human_name(p.name)]
     if p.birth_date:
         patient["birthDate"] = p.birth_date.isoformat()
-    if (g := _gender(p.sex)) is not None:
+    if (g := fhir_gender(p.sex)) is not None:
         patient["gender"] = g
     patient_ref = tb.create(patient, pat_system, pat_value)
 

@@ -9,7 +9,8 @@ from typing import Any
 from flask import Blueprint, Response, current_app, json, request, send_file, url_for
 
 from leuk_fhir.acquisition import PatientInfo, Scope, Transport
-from leuk_fhir.errors import InputError, LeukFhirError, NotFoundError
+from leuk_fhir.errors import FhirMappingError, InputError, LeukFhirError, NotFoundError
+from leuk_fhir.fhir.report import fhir_gender
 from leuk_fhir.pipeline import AnalysisOrder
 from leuk_fhir.service.auth import allow, current_principal, public
 from leuk_fhir.service.problems import query_limit
@@ -31,7 +32,6 @@ _LINE_BREAKS = re.compile(r"[\t\n\r]")
 #: Longest accepted name or identifier, and comment.
 MAX_FIELD = 200
 MAX_COMMENT = 4000
-_SEXES = {"m", "f", "o", "male", "female", "other", "unknown"}
 ANALYSIS_STATES = (*UNFINISHED, COMPLETED, FAILED)
 
 
@@ -80,10 +80,10 @@ def _order_from_request() -> AnalysisOrder:
     if birth_date and birth_date > date.today():
         raise InputError(f"patient_birth_date {birth_date} is in the future")
     sex = _field("patient_sex")
-    if sex and sex.lower() not in _SEXES:
-        raise InputError(
-            f"patient_sex {sex!r} is not one of male, female, other, unknown (or DICOM M, F, O)"
-        )
+    try:
+        fhir_gender(sex)  # refused now, not after the model has run
+    except FhirMappingError as exc:
+        raise InputError(f"patient_sex: {exc.message}", hint="male, female, other, unknown (or M, F, O, U)") from None
     patient = PatientInfo(
         identifier=_field("patient_identifier"),
         name=_field("patient_name"),
