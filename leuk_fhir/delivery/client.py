@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import heapq
+import itertools
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -170,14 +173,130 @@ def _check_base_url(base_url: str) -> None:
 
 
 # ---------------------------------------------------------------------- total deadline
+#
+# One watchdog thread serves every request (not one timer thread per request). A request's
+# _Deadline holds the connections it has checked out of the pool right now: a connection joins
+# when a request is sent on it from the deadline's thread (the SMART token request inside a
+# send included) and leaves when it goes back to the pool, so a deadline that fires late never
+# touches a connection another request took since. A connection that was cut goes back closed,
+# never half-closed. Once the answer is read whole the deadline is finished and cannot fire.
 
-_inflight = threading.local()  # the connections used by this thread's current request
+
+class _Deadline:
+    """One request's deadline (see above); ``fired`` says whether it cut the request."""
+
+    def __init__(self, when: float) -> None:
+        self.when = when
+        self.fired = threading.Event()
+        self.done = False
+        self._lock = threading.Lock()
+        self._conns: set[HTTPConnection] = set()
+
+    def add(self, conn: HTTPConnection) -> None:
+        with self._lock:
+            if self.done:
+                return
+            conn._leuk_deadline = self  # type: ignore[attr-defined]
+            self._conns.add(conn)
+            if self.fired.is_set():  # a request started after the deadline: cut it at once
+                _cut(conn)
+
+    def release(self, conn: HTTPConnection) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+            conn._leuk_deadline = None  # type: ignore[attr-defined]
+
+    def finish(self) -> None:
+        """The request is over (answer read, or failed): the deadline cannot fire any more."""
+        with self._lock:
+            self.done = True
+            for conn in self._conns:
+                conn._leuk_deadline = None  # type: ignore[attr-defined]
+            self._conns.clear()
+
+    def fire(self) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self.fired.set()
+            for conn in self._conns:
+                _cut(conn)
+
+
+def _cut(conn: HTTPConnection) -> None:
+    """Shut the socket down (the reading thread gets EOF at once); it is closed on release."""
+    conn._leuk_aborted = True  # type: ignore[attr-defined]
+    sock = conn.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)  # not SSLSocket's: no TLS state touched
+
+
+class _Watchdog:
+    """A single daemon thread firing due deadlines."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cv = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int, _Deadline]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._compact_at = 1024
+
+    def schedule(self, deadline: _Deadline) -> None:
+        with self._cv:
+            if len(self._heap) >= self._compact_at:  # finished deadlines wait for their time otherwise
+                self._heap = [e for e in self._heap if not e[2].done]
+                heapq.heapify(self._heap)
+                self._compact_at = max(1024, 2 * len(self._heap))
+            heapq.heappush(self._heap, (deadline.when, next(self._seq), deadline))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="leuk-fhir-watchdog", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while True:
+                    while self._heap and self._heap[0][2].done:
+                        heapq.heappop(self._heap)
+                    if not self._heap:
+                        self._cv.wait()
+                        continue
+                    wait = self._heap[0][0] - time.monotonic()
+                    if wait <= 0:
+                        due = heapq.heappop(self._heap)[2]
+                        break
+                    self._cv.wait(wait)
+            due.fire()
+
+
+_WATCHDOG = _Watchdog()
+if hasattr(os, "register_at_fork"):  # a forked child has no watchdog thread (and maybe a held lock)
+    os.register_at_fork(after_in_child=_WATCHDOG._reset)
+
+_inflight = threading.local()  # this thread's current _Deadline
 
 
 def _track(conn: HTTPConnection) -> None:
-    conns = getattr(_inflight, "conns", None)
-    if conns is not None:
-        conns.append(conn)
+    deadline = getattr(_inflight, "deadline", None)
+    if deadline is not None:
+        deadline.add(conn)
+
+
+def _untrack(conn: Any) -> None:
+    """``conn`` goes back to the pool: out of its deadline, and closed if the deadline cut it."""
+    if conn is None:
+        return
+    deadline = getattr(conn, "_leuk_deadline", None)
+    if deadline is not None:
+        deadline.release(conn)
+    if getattr(conn, "_leuk_aborted", False):
+        conn._leuk_aborted = False  # type: ignore[attr-defined]
+        conn.close()
 
 
 class _TrackedHTTPConnection(HTTPConnection):
@@ -195,9 +314,17 @@ class _TrackedHTTPSConnection(HTTPSConnection):
 class _TrackedHTTPPool(HTTPConnectionPool):
     ConnectionCls = _TrackedHTTPConnection
 
+    def _put_conn(self, conn: Any) -> None:
+        _untrack(conn)
+        super()._put_conn(conn)
+
 
 class _TrackedHTTPSPool(HTTPSConnectionPool):
     ConnectionCls = _TrackedHTTPSConnection
+
+    def _put_conn(self, conn: Any) -> None:
+        _untrack(conn)
+        super()._put_conn(conn)
 
 
 class _DeadlineAdapter(HTTPAdapter):
@@ -209,28 +336,20 @@ class _DeadlineAdapter(HTTPAdapter):
 
 
 @contextlib.contextmanager
-def _deadline(seconds: float) -> Iterator[threading.Event]:
-    """A watchdog: after ``seconds`` it shuts down every socket this thread's request used
-    (token requests included), so a server that drips its answer cannot hold us; the event
-    says whether it fired."""
-    fired = threading.Event()
-    conns: list[HTTPConnection] = []
-
-    def abort() -> None:
-        fired.set()
-        for conn in list(conns):
-            with contextlib.suppress(OSError, TypeError):
-                socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)  # type: ignore[arg-type]
-
-    timer = threading.Timer(seconds, abort)
-    timer.daemon = True
-    _inflight.conns = conns
-    timer.start()
+def _deadline(seconds: float) -> Iterator[_Deadline]:
+    """After ``seconds`` the watchdog shuts down the sockets this thread's request holds (token
+    requests included), so a server that drips its answer cannot hold us. Call ``finish()`` on
+    the yielded deadline once the answer is read, before the connection goes back to the pool;
+    its ``fired`` says whether it cut the request."""
+    deadline = _Deadline(time.monotonic() + seconds)
+    outer = getattr(_inflight, "deadline", None)
+    _inflight.deadline = deadline
+    _WATCHDOG.schedule(deadline)
     try:
-        yield fired
+        yield deadline
     finally:
-        timer.cancel()
-        _inflight.conns = None
+        deadline.finish()
+        _inflight.deadline = outer
 
 
 class EhrClient:
@@ -297,7 +416,7 @@ class EhrClient:
         limit = self.total_timeout_s
         timeout: Any = Timeout(connect=self.timeout[0], read=self.timeout[1], total=limit)  # requests takes it
         late = f"EHR timed out on {method} {url}: no complete answer within {limit:g} s"
-        with _deadline(limit) as fired:
+        with _deadline(limit) as deadline:
             try:
                 resp = self.session.request(method, url, auth=self.auth, timeout=timeout, verify=self.verify,
                                             allow_redirects=False, stream=True, **kwargs)
@@ -310,16 +429,17 @@ class EhrClient:
                                 f"{method} {url}: the answer exceeds {self.max_response_bytes} bytes",
                                 status=resp.status_code)
                 finally:
+                    deadline.finish()  # before close() hands the connection back to the pool
                     resp.close()
             except requests.RequestException as exc:
-                if fired.is_set():
+                if deadline.fired.is_set():
                     raise EhrUnavailableError(late) from exc
                 if isinstance(exc, requests.Timeout):
                     raise EhrUnavailableError(f"EHR timed out on {method} {url}: {exc}") from exc
                 if isinstance(exc, requests.ConnectionError):
                     raise EhrUnavailableError(f"EHR unreachable at {url}: {exc}") from exc
                 raise EhrUnavailableError(f"HTTP error on {method} {url}: {exc}") from exc
-        if fired.is_set():  # cut off mid-headers, http.client may return what it had
+        if deadline.fired.is_set():  # cut off: a close-delimited answer just ends early
             raise EhrUnavailableError(late)
         resp._content = bytes(body)  # the answer, read above; resp.json() / resp.text use it
         return resp
@@ -371,7 +491,8 @@ class EhrClient:
                 resp = self._request("GET", f"{self.base_url}/metadata")
                 self._raise_for(resp, "GET /metadata")
             except DeliveryError as exc:
-                if exc.retryable or isinstance(exc, AuthenticationError):
+                # a redirected /metadata (a login page, a moved base) is the endpoint's fault too
+                if isinstance(exc, AuthenticationError) or (exc.retryable and not isinstance(exc, EhrRedirectError)):
                     raise
                 raise EhrEndpointError(exc.message, status=getattr(exc, "status", None),
                                        outcome=getattr(exc, "outcome", None),

@@ -257,20 +257,28 @@ class Outbox:
                 db.execute(
                     "UPDATE deliveries SET status='pending', attempts=0, next_attempt_at=?, "
                     "updated_at=? WHERE id=?", (now, now, delivery_id))
+                # transitively: a dependant's dependants died with it
                 db.execute(
-                    "UPDATE deliveries SET status='pending', attempts=0, next_attempt_at=?, updated_at=? "
-                    "WHERE depends_on = ? AND status = 'dead' AND last_error LIKE ?",
-                    (now, now, row["key"], f"{_DEAD_DEPENDENCY} %"))
+                    "WITH RECURSIVE dependants(key) AS (SELECT :key UNION SELECT d.key FROM deliveries d "
+                    "JOIN dependants ON d.depends_on = dependants.key "
+                    "WHERE d.status = 'dead' AND d.last_error LIKE :why) "
+                    "UPDATE deliveries SET status='pending', attempts=0, next_attempt_at=:now, updated_at=:now "
+                    "WHERE key IN (SELECT key FROM dependants) AND key != :key",
+                    {"key": row["key"], "why": f"{_DEAD_DEPENDENCY} %", "now": now})
         return self.get(delivery_id)
 
     def _bury_orphans(self, db: sqlite3.Connection, now: float) -> None:
-        """Dead-letter pending deliveries whose dependency is a dead letter (transitively)."""
+        """Dead-letter pending deliveries whose dependency is a dead letter (transitively).
+
+        Runs on every claim: it looks at pending deliveries with a dependency only, each one's
+        dependency found through the unique key (never a scan of all dead letters)."""
         while True:
             n = db.execute(
                 f"UPDATE deliveries SET status='dead', updated_at=:now, lease_until=NULL, last_status=NULL, "
                 f"last_error='{_DEAD_DEPENDENCY} ' || (SELECT p.id FROM deliveries p WHERE p.key = "
                 "deliveries.depends_on) || ' (' || depends_on || '); retry that one to resend both' "
-                "WHERE status = 'pending' AND depends_on IN (SELECT key FROM deliveries WHERE status = 'dead')",
+                "WHERE status = 'pending' AND depends_on IS NOT NULL AND EXISTS (SELECT 1 FROM deliveries p "
+                "WHERE p.key = deliveries.depends_on AND p.status = 'dead')",
                 {"now": now}).rowcount
             if n <= 0:
                 return
@@ -398,7 +406,12 @@ class OutboxSender:
 
         def renew() -> None:
             while not done.wait(self.settings.lease_s / 3):
-                if not self.outbox.renew(d.id, owner=self.owner, lease_s=self.settings.lease_s):
+                try:
+                    kept = self.outbox.renew(d.id, owner=self.owner, lease_s=self.settings.lease_s)
+                except Exception:  # e.g. database locked: try again next time, do not give the lease up
+                    log.exception("delivery %s: renewing the lease failed", d.id)
+                    continue
+                if not kept:
                     log.warning("delivery %s: lease lost to another sender while sending", d.id)
                     return
 

@@ -52,7 +52,8 @@ class Fault:
     truncated (forward, then cut the answer) | slow (forward, then answer after ``delay_s``) |
     drop (forward, then close without answering) | refuse (close without forwarding) |
     json (answer ``status`` with ``body`` as JSON after ``delay_s``) | drip (the same answer,
-    status line included, one byte every ``delay_s``) | redirect (``status`` to ``location``)."""
+    status line included, one byte every ``delay_s``; without ``content_length`` the headers come at once and the
+    body, dripped, ends when the connection closes) | redirect (``status`` to ``location``)."""
 
     kind: str
     status: int = 500
@@ -61,6 +62,7 @@ class Fault:
     outcome: dict[str, Any] | None = None
     body: Any = None
     location: str | None = None
+    content_length: bool = True
 
 
 def transaction_response(n: int, status: str = "201 Created") -> dict[str, Any]:
@@ -157,11 +159,15 @@ class FaultProxy:
         if fault.kind == "json":
             time.sleep(fault.delay_s)
             return self._reply(h, fault.status, body, "application/fhir+json")
+        length = f"Content-Length: {len(body)}\r\n" if fault.content_length else ""
         raw = (f"HTTP/1.1 {fault.status} OK\r\nContent-Type: application/fhir+json\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+               f"{length}\r\n").encode() + body
         h.close_connection = True
+        start = 0 if fault.content_length else len(raw) - len(body)
         with contextlib.suppress(OSError):
-            for i in range(len(raw)):
+            h.wfile.write(raw[:start])
+            h.wfile.flush()
+            for i in range(start, len(raw)):
                 h.wfile.write(raw[i : i + 1])
                 h.wfile.flush()
                 time.sleep(fault.delay_s)

@@ -395,3 +395,166 @@ def test_outbox_without_create_refuses_a_missing_file(tmp_path):
     with pytest.raises(NotFoundError, match="no outbox"):
         Outbox(tmp_path / "sub" / "typo.sqlite", create=False)
     assert not (tmp_path / "sub").exists()
+
+
+# ---------------------------------------------------------------- review of the watchdog and the outbox
+
+
+def _pooled_connections(client: EhrClient) -> list:
+    pools = client.session.get_adapter(client.base_url).poolmanager.pools
+    keys = pools.keys()  # noqa: SIM118 - the pool container refuses iteration
+    return [c for key in keys for c in list(pools[key].pool.queue) if c is not None]
+
+
+def test_the_watchdog_never_cuts_a_connection_handed_back_to_the_pool(proxy):
+    """A connection used under a deadline (e.g. by the SMART token request inside a send) goes
+    back to the pool when its answer is read; another request may take it. The deadline firing
+    later must not shut that other request's socket down."""
+    from leuk_fhir.delivery.client import _deadline
+
+    client = EhrClient(proxy.base_url, timeout_s=5)
+    client.capabilities()  # one pooled connection
+    proxy.inject(Fault("json", 200, body=transaction_response(0), delay_s=1.0))
+    outcome: list[object] = []
+    with _deadline(0.3):
+        client.session.get(f"{proxy.base_url}/metadata").close()  # done; its connection is back in the pool
+        other = threading.Thread(target=lambda: outcome.append(_try(client.post_transaction, BUNDLE)))
+        other.start()  # reuses that connection, and waits 1 s for its answer
+        time.sleep(0.8)  # the deadline fires while the other request is in flight
+    other.join()
+    assert outcome and not isinstance(outcome[0], Exception), outcome
+
+
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return exc
+
+
+def test_a_complete_answer_is_not_a_timeout_when_the_watchdog_fires_late(proxy, monkeypatch):
+    """The whole answer was read in time; the watchdog firing before the request's bookkeeping
+    ended (a busy machine) must not turn the delivered Bundle into a timeout."""
+    import requests
+
+    close = requests.Response.close
+
+    def slow_close(self):
+        time.sleep(0.6)
+        close(self)
+
+    client = EhrClient(proxy.base_url, timeout_s=5)
+    client.capabilities()
+    client.total_timeout_s = 0.3
+    proxy.inject(Fault("json", 200, body=transaction_response(0)))
+    monkeypatch.setattr(requests.Response, "close", slow_close)
+    assert client.post_transaction(BUNDLE).status == 200
+    monkeypatch.undo()
+    assert [c for c in _pooled_connections(client) if c.sock is not None and not c.is_connected] == [], \
+        "a half-closed socket went back to the pool"
+
+
+def test_an_aborted_connection_does_not_go_back_to_the_pool_half_closed(proxy):
+    """A close-delimited answer cut by the watchdog just ends: still a timeout, and its
+    connection is not pooled with a shut-down socket."""
+    proxy.inject(Fault("drip", 200, body=transaction_response(0), delay_s=0.1, content_length=False))
+    client = EhrClient(proxy.base_url, timeout_s=5)
+    client.capabilities()
+    client.total_timeout_s = 0.5
+    with pytest.raises(EhrUnavailableError, match="no complete answer"):
+        client.post_transaction(BUNDLE)
+    assert [c for c in _pooled_connections(client) if c.sock is not None] == []
+
+
+def test_one_watchdog_thread_serves_concurrent_requests(proxy):
+    client = EhrClient(proxy.base_url, timeout_s=5)
+    client.capabilities()
+    proxy.inject(*[Fault("json", 200, body=transaction_response(0), delay_s=0.8) for _ in range(8)])
+    workers = [threading.Thread(target=client.post_transaction, args=(BUNDLE,)) for _ in range(8)]
+    for w in workers:
+        w.start()
+    time.sleep(0.4)
+    timers = [t for t in threading.enumerate() if isinstance(t, threading.Timer)]
+    watchdogs = [t for t in threading.enumerate() if t.name == "leuk-fhir-watchdog"]
+    for w in workers:
+        w.join()
+    assert timers == [] and len(watchdogs) == 1
+
+
+def test_retry_brings_back_dependants_of_dependants(tmp_path):
+    clock = Clock()
+    with Outbox(tmp_path / "o.sqlite", clock=clock) as ob:
+        report = ob.enqueue("r/report", BUNDLE)
+        alert = ob.enqueue("r/alert", BUNDLE, depends_on="r/report")
+        ack = ob.enqueue("r/ack", BUNDLE, depends_on="r/alert")
+        assert ob.claim("a") is not None
+        assert ob.mark_dead(report, owner="a", error="422", status=422, outcome=None)
+        assert ob.claim("a") is None  # buries alert, then ack
+        assert {ob.get(i).status for i in (alert, ack)} == {DeliveryStatus.DEAD}
+        ob.retry(report)
+        assert [ob.get(i).status for i in (report, alert, ack)] == [DeliveryStatus.PENDING] * 3
+
+
+def _vm_steps(ob: Outbox, fn) -> int:
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    ob._db.set_progress_handler(count, 10)
+    try:
+        fn()
+    finally:
+        ob._db.set_progress_handler(None, 10)
+    return steps[0]
+
+
+def test_claim_cost_does_not_grow_with_the_dead_letters(tmp_path):
+    """Every claim looks for dependants of dead letters; that must not read every dead letter."""
+    clock = Clock()
+    with Outbox(tmp_path / "o.sqlite", clock=clock) as ob:
+        ob.enqueue("alone", BUNDLE)
+        small = _vm_steps(ob, lambda: ob.claim("a", 60))
+        with ob._tx() as db:
+            db.executemany("INSERT INTO deliveries (key, kind, bundle, status, next_attempt_at, created_at, "
+                           "updated_at) VALUES (?, 'report', '{}', 'dead', 0, 0, 0)",
+                           [(f"dead/{i}",) for i in range(20_000)])
+        ob.enqueue("second", BUNDLE)
+        large = _vm_steps(ob, lambda: ob.claim("a", 60))
+        assert large < small * 3, (small, large)
+
+
+def test_a_redirected_metadata_request_uses_no_attempts(tmp_path, proxy):
+    proxy.routes["/metadata"] = (302, {})
+    with Outbox(tmp_path / "o.sqlite") as ob:
+        did = ob.enqueue("k", BUNDLE)
+        sender = sender_for(ob, proxy.base_url, max_attempts=2)
+        for _ in range(3):
+            with pytest.raises(EhrEndpointError):
+                sender.drain(timeout_s=5)
+        d = ob.get(did)
+        assert d.status is DeliveryStatus.PENDING and d.attempts == 0
+
+
+def test_a_failing_renewal_does_not_end_the_renewals(tmp_path, proxy, monkeypatch):
+    with Outbox(tmp_path / "o.sqlite") as ob:
+        did = ob.enqueue("k", BUNDLE)
+        proxy.inject(Fault("json", 200, body=transaction_response(0), delay_s=2.0))
+        settings = OutboxSettings(max_attempts=3, backoff_initial_s=0.01, backoff_max_s=0.05, lease_s=0.6)
+        sender = OutboxSender(ob, EhrClient(proxy.base_url, timeout_s=5), settings)
+        renew, failed = ob.renew, []
+
+        def flaky_renew(*args, **kw):
+            if not failed:
+                failed.append(1)
+                raise sqlite3.OperationalError("database is locked")
+            return renew(*args, **kw)
+
+        monkeypatch.setattr(ob, "renew", flaky_renew)
+        worker = threading.Thread(target=sender.send_one)
+        worker.start()
+        time.sleep(1.3)
+        assert ob.claim("intruder", 0.6) is None
+        worker.join()
+        assert ob.get(did).status is DeliveryStatus.DELIVERED and proxy.log.transactions == 1
