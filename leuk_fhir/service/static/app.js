@@ -2,7 +2,8 @@
 // Plain JS, no build step; talks only to this server's /v1 API.
 "use strict";
 
-const state = { token: sessionStorage.getItem("leukFhirToken") || "", model: null, events: null, current: null };
+const state = { token: sessionStorage.getItem("leukFhirToken") || "", model: null, events: null, current: null,
+  demoSeen: false, wasLive: false, retryMs: 3000 };
 const $ = (id) => document.getElementById(id);
 const PALETTE = ["#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#ff7f0e"];
 const BLAST = "#d62728", INDET = "#7f7f7f";
@@ -19,12 +20,16 @@ function el(tag, attrs = {}, ...children) {
 async function api(path, options = {}) {
   const headers = Object.assign({}, options.headers || {});
   if (state.token) headers["Authorization"] = "Bearer " + state.token;
-  const response = await fetch(path, Object.assign({}, options, { headers }));
-  if (response.status === 401) { showTokenPanel(); throw new Error("a token is required"); }
+  let response;
+  try { response = await fetch(path, Object.assign({}, options, { headers })); } catch (e) {
+    const err = new Error("the server could not be reached (network down or server stopped)");
+    err.status = 0; throw err;
+  }
+  if (response.status === 401) { showTokenPanel(); const err = new Error("a token is required"); err.status = 401; throw err; }
   if (!response.ok) {
     let detail = response.statusText;
     try { const p = await response.json(); detail = p.detail || p.title || detail; } catch (e) { /* not JSON */ }
-    throw new Error(detail);
+    const err = new Error(detail || ("HTTP " + response.status)); err.status = response.status; throw err;
   }
   return response;
 }
@@ -48,8 +53,11 @@ function classColour(cls, index) {
   return PALETTE[index % PALETTE.length];
 }
 
+// The DEMO banner shows from the first paint (fail-safe) and is hidden only once the server says
+// the loaded model is not a demo and no analysis on screen came from a demo model.
 function setDemo(isDemo) {
-  $("demo-banner").hidden = !isDemo;
+  if (isDemo) state.demoSeen = true;
+  $("demo-banner").hidden = !state.demoSeen && !isDemo;
 }
 
 async function loadModel() {
@@ -77,11 +85,12 @@ async function loadList() {
   }
   for (const a of data.analyses) {
     if (a.model && a.model.is_demo) setDemo(true);
-    const tr = el("tr", { class: "row" + (a.outcome === "blasts-detected" ? " blasts" : ""), "data-id": a.id },
+    const tr = el("tr", { class: "row" + (a.outcome === "blasts-detected" ? " blasts" : "") + (a.status === "failed" ? " failed" : ""), "data-id": a.id },
       el("td", {}, fmtTime(a.created_at)),
       el("td", {}, el("a", { href: "#/analyses/" + a.id }, a.id.slice(0, 11))),
       el("td", {}, badge(a.status, a.status === "failed" ? "failed" : "")),
-      el("td", {}, a.outcome ? badge(a.outcome) : "–"),
+      el("td", { class: "outcome" }, a.outcome ? badge(a.outcome)
+        : a.error ? el("span", { class: "error-text" }, el("strong", {}, "Failed: "), a.error.code + ": " + a.error.message) : "–"),
       el("td", {}, fmtPct(a.blast_percentage)),
       el("td", {}, a.report.status ? badge(a.report.status) : "–"),
       el("td", {}, a.model ? a.model.name + " " + a.model.version : "–", a.model && a.model.is_demo ? " " : "", a.model && a.model.is_demo ? badge("DEMO", "demo") : ""));
@@ -113,22 +122,24 @@ function drawOverlay(analysis) {
     const colour = classColour(cls, indexOf(cell.label));
     const [x, y, w, h] = cell.box.map((v) => v * img.scale);
     const rect = document.createElementNS(ns, "rect");
-    Object.entries({ x, y, width: w, height: h, fill: "none", stroke: colour, "stroke-width": Math.max(2, img.width / 200),
-      "data-label": cell.label, class: "cell-box" }).forEach(([k, v]) => rect.setAttribute(k, v));
+    const sw = Math.max(2, img.width / 200);
+    Object.entries({ x, y, width: w, height: h, fill: "none", stroke: colour, "stroke-width": sw,
+      "data-label": cell.label, class: "cell-box" + (cls && cls.is_blast ? " blast" : "") }).forEach(([k, v]) => rect.setAttribute(k, v));
+    if (cls && cls.is_blast) rect.setAttribute("stroke-dasharray", (sw * 4) + " " + (sw * 2));  // not colour alone
     const title = document.createElementNS(ns, "title");
     title.textContent = "#" + (i + 1) + " " + cell.display + " " + (cell.confidence * 100).toFixed(0) + " %";
     rect.append(title);
     svg.append(rect);
-    if (f.cells.length > 1) {
+    if (f.cells.length > 1 || (cls && cls.is_blast)) {
       const t = document.createElementNS(ns, "text");
       Object.entries({ x: x + 3, y: y + Math.max(12, img.width / 60), fill: colour, "font-size": Math.max(11, img.width / 55), "font-weight": "700" })
         .forEach(([k, v]) => t.setAttribute(k, v));
-      t.textContent = String(i + 1);
+      t.textContent = String(i + 1) + (cls && cls.is_blast ? " B" : "");
       svg.append(t);
     }
   });
   classes.forEach((c, i) => {
-    const item = el("span", {}, c.display + (c.is_blast && !/blast/i.test(c.display) ? " (blast)" : ""));
+    const item = el("span", { class: c.is_blast ? "blast" : "" }, c.display + (c.is_blast && !/blast/i.test(c.display) ? " (blast)" : "") + (c.is_blast ? " – dashed, “B”" : ""));
     item.style.setProperty("--c", classColour(c, i));
     legend.append(item);
   });
@@ -150,9 +161,14 @@ function renderSummary(a) {
     add("Mean confidence", (f.confidence * 100).toFixed(1) + " %");
     add("Model", f.model.name + " " + f.model.version + (f.model.is_demo ? " (DEMO)" : ""));
   }
+  const patient = a.order && a.order.patient;
+  if (patient && (patient.name || patient.identifier)) {
+    add("Patient", [patient.name ? patient.name.replace(/\^/g, " ") : "", patient.identifier ? "(" + patient.identifier + ")" : ""].filter(Boolean).join(" "));
+  }
+  if (a.filename) add("File", a.filename);
   add("Scope", a.scope || "–");
   if (a.order && a.order.ordering_practitioner) add("Ordering clinician", a.order.ordering_practitioner);
-  if (a.error) add("Error", a.error.code + ": " + a.error.message);
+  if (a.error) add("Failed because", el("span", { class: "error-text" }, a.error.code + ": " + a.error.message));
 }
 
 function renderCells(a) {
@@ -163,9 +179,9 @@ function renderCells(a) {
   const classes = f.model.classes;
   f.cells.forEach((cell, i) => {
     const idx = classes.findIndex((c) => c.name === cell.label);
-    const swatch = el("span", { class: "badge" }, cell.display);
-    swatch.style.background = classColour(classes[idx], idx);
-    swatch.style.color = "#fff";
+    const isBlast = !!(classes[idx] && classes[idx].is_blast);
+    const swatch = el("span", { class: "badge swatch" + (isBlast ? " blast" : "") }, (isBlast ? "⚠ " : "") + cell.display);
+    swatch.style.setProperty("--c", classColour(classes[idx], idx));
     const probs = Object.entries(cell.probabilities).sort((p, q) => q[1] - p[1]).slice(0, 4)
       .map(([k, v]) => k + " " + (v * 100).toFixed(1) + "%").join(", ");
     rows.append(el("tr", { class: "cell-row" },
@@ -188,7 +204,9 @@ function renderSignoff(a) {
   } else if (a.status === "completed") {
     box.append(badge("preliminary"), " AI-generated, awaiting review by a clinician.");
     form.hidden = false;
-    $("signoff-name").hidden = !!state.token;
+    // auth off: the page must say who signs; auth on: the token names the clinician
+    $("signoff-name").hidden = $("signoff-name-label").hidden = !!state.token;
+    $("signoff-name").required = !state.token;
   } else {
     box.append(el("span", { class: "muted" }, "Available once the analysis is complete."));
     form.hidden = true;
@@ -217,6 +235,7 @@ async function showDetail(id) {
     $("overlay").replaceChildren();
     $("cell-rows").replaceChildren();
     $("signoff-form").reset();
+    $("signoff-error").hidden = true;
     $("report-frame").src = "about:blank";
   }
   state.current = id;
@@ -267,11 +286,23 @@ function showAlert(data) {
     " in analysis " + data.id.slice(0, 11) + (data.communication_queued
       ? ": alert Communication" + (data.ordering_practitioner ? " to " + data.ordering_practitioner : "") + " queued for the EHR"
       : "");
-  const close = el("button", { type: "button" }, "Dismiss");
+  const close = el("button", { type: "button", "aria-label": "Dismiss alert for analysis " + data.id.slice(0, 11) }, "Dismiss");
   const box = el("div", { class: "alert", role: "alert", "data-id": data.id },
     el("span", {}, "⚠ " + text + " · ", el("a", { href: "#/analyses/" + data.id }, "open")), close);
-  close.addEventListener("click", () => box.remove());
+  close.addEventListener("click", () => {
+    // keep keyboard focus on the page: the next alert's Dismiss, else the main content
+    const next = box.nextElementSibling || box.previousElementSibling;
+    box.remove();
+    const target = next ? next.querySelector("button") : (!$("detail-view").hidden ? $("detail-title") : $("list-title"));
+    target.focus();
+  });
   $("alerts").prepend(box);
+}
+
+function announce(text) { $("list-announce").textContent = text; }
+
+function setLive(on, text) {
+  $("live").textContent = text; $("live").classList.toggle("on", on);
 }
 
 function connectEvents() {
@@ -279,14 +310,29 @@ function connectEvents() {
   const url = "/v1/events" + (state.token ? "?access_token=" + encodeURIComponent(state.token) : "");
   const es = new EventSource(url);
   state.events = es;
-  es.addEventListener("hello", () => { $("live").textContent = "● live"; $("live").classList.add("on"); });
+  es.addEventListener("hello", () => {
+    setLive(true, "● live");
+    state.retryMs = 3000;
+    // events sent while we were away are lost: read the list (or the analysis shown) again
+    if (state.wasLive) {
+      loadModel();
+      if (!$("list-view").hidden) loadList();
+      if (state.current && !$("detail-view").hidden) showDetail(state.current);
+    }
+    state.wasLive = true;
+  });
   es.onerror = () => {
-    $("live").textContent = "○ reconnecting"; $("live").classList.remove("on");
+    if (state.events !== es) return;
+    setLive(false, "○ reconnecting…");
     // Refused (all live streams taken, or signed out): the browser gives up; try again later.
-    if (es.readyState === EventSource.CLOSED && state.events === es) setTimeout(connectEvents, 20000);
+    if (es.readyState === EventSource.CLOSED) {
+      setTimeout(() => { if (state.events === es) connectEvents(); }, state.retryMs);
+      state.retryMs = Math.min(state.retryMs * 2, 30000);
+    }
   };
   es.addEventListener("analysis", (ev) => {
     const data = JSON.parse(ev.data);
+    announce("Analysis " + data.id.slice(0, 11) + " " + (data.status || "updated") + (data.error ? " (" + data.error + ")" : ""));
     if (!$("list-view").hidden) scheduleListReload();
     if (state.current === data.id && !$("detail-view").hidden) showDetail(data.id);
   });
@@ -294,12 +340,17 @@ function connectEvents() {
 }
 
 // ---- forms and routing -----------------------------------------------------------------
-function route() {
+function route(ev) {
   const m = location.hash.match(/^#\/analyses\/(.+)$/);
-  if (m) { showDetail(decodeURIComponent(m[1])); return; }
+  if (m) {
+    showDetail(decodeURIComponent(m[1]));
+    if (ev) $("detail-title").focus();  // keyboard and screen-reader users land on the new view
+    return;
+  }
   state.current = null;
   $("detail-view").hidden = true;
   $("list-view").hidden = false;
+  if (ev) $("list-title").focus();
   loadList();
 }
 
@@ -327,15 +378,35 @@ function init() {
   });
   $("signoff-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
+    const error = $("signoff-error"), button = $("signoff-button"), id = state.current;
+    error.hidden = true;
     const body = { comment: $("signoff-comment").value.trim() || null };
-    if (!state.token) body.signed_off_by = $("signoff-name").value.trim();
-    $("signoff-button").disabled = true;
+    if (!state.token) {
+      body.signed_off_by = $("signoff-name").value.trim();
+      if (!body.signed_off_by) {  // whitespace only passes `required`
+        $("signoff-name").value = "";
+        $("signoff-name").reportValidity();
+        $("signoff-name").focus();
+        return;
+      }
+    }
+    const label = button.textContent;
+    button.disabled = true;
+    button.textContent = "Signing off…";
     try {
-      await api("/v1/analyses/" + encodeURIComponent(state.current) + "/sign-off", {
+      await api("/v1/analyses/" + encodeURIComponent(id) + "/sign-off", {
         method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
-      await showDetail(state.current);
-    } catch (e) { $("signoff-state").append(el("div", { class: "muted" }, "Sign-off failed: " + e.message)); }
-    finally { $("signoff-button").disabled = false; }
+      await showDetail(id);
+    } catch (e) {
+      const why = e.status === 409 ? "Not signed off: " + e.message.replace(/\.?$/, ".") + " The current state is shown above."
+        : e.status === 0 ? "Not signed off: " + e.message + ". Check the connection and try again."
+        : "Not signed off: " + e.message;
+      if (e.status === 409) { try { await showDetail(id); } catch (e2) { /* shown by showDetail */ } }
+      if (state.current === id) { error.textContent = why; error.hidden = false; }
+    } finally {
+      button.disabled = false;
+      button.textContent = label;
+    }
   });
   window.addEventListener("hashchange", route);
   loadModel(); connectEvents(); route();
