@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import io
 import logging
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,63 @@ AI_DISCLAIMER = (
     "not a diagnosis: the result must be reviewed and signed off by a qualified haematologist "
     "before any clinical use."
 )
+
+
+#: Encoding of reportlab's built-in PDF fonts (Helvetica): what the PDF can show as text.
+PDF_FONT_ENCODING = "cp1252"
+PDF_SUBSTITUTION_NOTE = (
+    "Characters that the PDF font cannot show are written as [U+XXXX] (their Unicode code "
+    "point); the HTML rendition and the FHIR resources hold the exact text."
+)
+
+
+def pdf_safe_text(text: str) -> tuple[str, bool]:
+    """``text`` as escaped Paragraph markup that the built-in PDF fonts can show in full.
+
+    Text is NFC-normalised first (so ``e`` + combining acute becomes ``é``); any character that
+    is still outside the font's encoding (CJK, Arabic, Devanagari, emoji, stray combining marks)
+    or is a control character is written visibly as ``[U+XXXX]`` rather than as an anonymous
+    box or not at all. Newlines become line breaks. Returns the markup and whether anything
+    was substituted.
+    """
+    out: list[str] = []
+    substituted = False
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    for ch in unicodedata.normalize("NFC", text):
+        if ch == "\n":
+            out.append("<br/>")
+            continue
+        if ch == "\t":
+            ch = " "
+        try:
+            ch.encode(PDF_FONT_ENCODING)
+            ok = unicodedata.category(ch) != "Cc"
+        except UnicodeEncodeError:
+            ok = False
+        if ok:
+            out.append(html.escape(ch))
+        else:
+            substituted = True
+            out.append(f"[U+{ord(ch):04X}]")
+    return "".join(out), substituted
+
+
+def _cells_total(content: ReportContent) -> int | None:
+    try:
+        return sum(int(n) for _, n, _ in content.results)
+    except ValueError:
+        return None
+
+
+def cells_listing_note(content: ReportContent) -> str | None:
+    """Says so when the cell table lists only some of the cells (never silently)."""
+    total = _cells_total(content)
+    if total is not None and total > len(content.cell_rows) and content.cell_rows:
+        return (
+            f"Showing the first {len(content.cell_rows)} of {total} cells; the counts and "
+            "percentages above include every cell."
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -122,6 +180,13 @@ def render_html(content: ReportContent) -> str:
     def lines(items: tuple[str, ...]) -> str:
         return "<br>".join(e(i) for i in items)
 
+    def multiline(text: str) -> str:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        return "<br>".join(e(part) for part in text.split("\n"))
+
+    listing_note = cells_listing_note(content)
+    listing = f"<p>{e(listing_note)}</p>" if listing_note else ""
+
     rows = "".join(
         f"<tr><td>{e(a)}</td><td>{e(b)}</td><td>{e(c)}</td></tr>" for a, b, c in content.results
     )
@@ -141,18 +206,18 @@ td,th{{border:1px solid #999;padding:2px 6px}}.ai{{border:2px solid #c00;padding
 </head><body>
 <h1>{e(content.title)}</h1>
 <p class="ai"><strong>AI-generated.</strong> {e(AI_DISCLAIMER)}</p>
-<p><strong>Sign-off:</strong> {e(content.sign_off)} &middot; <strong>Issued:</strong> {e(content.issued)}
+<p><strong>Sign-off:</strong> {multiline(content.sign_off)} &middot; <strong>Issued:</strong> {e(content.issued)}
 &middot; <strong>Report:</strong> {e(content.report_identifier)}</p>
 <h2>Patient</h2><p>{lines(content.patient_lines)}</p>
 <h2>Specimen</h2><p>{lines(content.specimen_lines)}</p>
 <h2>Source</h2><p>{lines(content.source_lines)}</p>
-<h2>Conclusion</h2><p>{e(content.conclusion)}</p>
+<h2>Conclusion</h2><p>{multiline(content.conclusion)}</p>
 <h2>Results</h2>
 <p><strong>Blast percentage:</strong> {e(content.blast_percentage)} &middot;
 <strong>Confidence:</strong> {e(content.confidence)}</p>
 <table><tr><th>Class</th><th>Cells</th><th>Share</th></tr>{rows}</table>
 <h2>Image</h2>{image}<p>{e(content.image_note)}</p>
-<h2>Cells</h2><table><tr><th>#</th><th>Class</th><th>Confidence</th><th>Box (x, y, w, h)</th></tr>{cells}</table>
+<h2>Cells</h2><table><tr><th>#</th><th>Class</th><th>Confidence</th><th>Box (x, y, w, h)</th></tr>{cells}</table>{listing}
 <h2>Model</h2><p>{lines(content.model_lines)}</p>
 </body></html>
 """
@@ -168,7 +233,14 @@ def render_pdf(content: ReportContent) -> bytes:
     from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
     styles = getSampleStyleSheet()
-    e = html.escape
+    substituted = False
+
+    def e(text: str) -> str:
+        nonlocal substituted
+        markup, changed = pdf_safe_text(text)
+        substituted = substituted or changed
+        return markup
+
     buf = io.BytesIO()
     doc = SimpleDocTemplate(
         buf, pagesize=A4, title=content.title, author="leuk-fhir (AI-generated)",
@@ -176,6 +248,10 @@ def render_pdf(content: ReportContent) -> bytes:
         invariant=True,
     )
     body = styles["BodyText"]
+    small = styles["BodyText"].clone("cell", fontSize=8, leading=9.6)
+
+    def cell(text: str) -> Paragraph:
+        return Paragraph(e(text), small)
     story: list = [Paragraph(e(content.title), styles["Title"])]
     warn = Table(
         [[Paragraph(f"<b>AI-generated.</b> {e(AI_DISCLAIMER)}", body)]],
@@ -205,7 +281,10 @@ def render_pdf(content: ReportContent) -> bytes:
         ("BACKGROUND", (0, 0), (-1, 0), colors.lightgrey),
         ("FONTSIZE", (0, 0), (-1, -1), 8),
     ])
-    story.append(Table([("Class", "Cells", "Share"), *content.results], style=grid, hAlign="LEFT"))
+    story.append(Table(
+        [("Class", "Cells", "Share"), *([cell(v) for v in row] for row in content.results)],
+        colWidths=[doc.width * 0.6, doc.width * 0.15, doc.width * 0.15],
+        style=grid, hAlign="LEFT", repeatRows=1))
     if content.image_jpeg:
         img = Image.open(io.BytesIO(content.image_jpeg))
         w = min(doc.width, 120 * mm)
@@ -217,8 +296,16 @@ def render_pdf(content: ReportContent) -> bytes:
     story.append(Paragraph(e(content.image_note), body))
     if content.cell_rows:
         story.append(Paragraph("Cells", styles["Heading3"]))
-        story.append(Table([("#", "Class", "Confidence", "Box (x, y, w, h)"), *content.cell_rows],
-                           style=grid, hAlign="LEFT", repeatRows=1))
+        story.append(Table(
+            [("#", "Class", "Confidence", "Box (x, y, w, h)"),
+             *([cell(v) for v in row] for row in content.cell_rows)],
+            colWidths=[doc.width * 0.08, doc.width * 0.47, doc.width * 0.15, doc.width * 0.3],
+            style=grid, hAlign="LEFT", repeatRows=1))
+        listing_note = cells_listing_note(content)
+        if listing_note:
+            story.append(Paragraph(e(listing_note), body))
     section("Model", content.model_lines)
+    if substituted:
+        story.append(Paragraph(PDF_SUBSTITUTION_NOTE, body))
     doc.build(story)
     return buf.getvalue()

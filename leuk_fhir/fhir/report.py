@@ -182,6 +182,10 @@ def _attachment(data: bytes, content_type: str, title: str, created: str) -> dic
 
 
 def _human_name(name: str) -> dict[str, Any]:
+    """A DICOM PN (``Family^Given^Middle``, with ``=``-separated ideographic and phonetic
+    groups) or free text as a FHIR HumanName; of a PN, the first group that is not empty."""
+    if "=" in name and "^" in name:
+        name = next((group for group in name.split("=") if group.strip("^ ")), name)
     if "^" in name:
         parts = name.split("^")
         out: dict[str, Any] = {"text": " ".join(p for p in (*parts[1:3], parts[0]) if p)}

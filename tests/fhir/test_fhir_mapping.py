@@ -217,3 +217,33 @@ def test_communication_alert_is_about_the_report(fhir_settings):
     assert other["entry"][0]["request"]["ifNoneExist"] != match
     plain = build_communication_bundle(rb, fhir_settings, now=NOW)
     assert plain["entry"][0]["request"]["ifNoneExist"].endswith(f"{rb.report_identifier}.alert")
+
+
+def test_hostile_patient_content_still_validates_and_is_kept_exactly(fhir_settings):
+    import dataclasses
+    from datetime import date
+
+    f = make_findings()
+    name = '山田^<b>太郎</b> 🩸 محمد'
+    patient = dataclasses.replace(f.acquisition.patient, name=name, birth_date=date(1, 1, 1))
+    f = dataclasses.replace(f, acquisition=dataclasses.replace(
+        f.acquisition, patient=patient, filename="x" * 500 + "-शर्मा.png"))
+    rb = build_report_bundle(f, fhir_settings, now=NOW)  # resources are validated on build
+    pat = next(e["resource"] for e in rb.bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+    assert pat["birthDate"] == "0001-01-01"
+    assert pat["name"][0]["family"] == "山田"
+    assert pat["name"][0]["given"] == ["<b>太郎</b> 🩸 محمد"]
+
+
+def test_dicom_person_names_with_ideographic_groups(fhir_settings):
+    """A PN's '=' groups (alphabetic=ideographic=phonetic) are not given names."""
+    findings = _for_patient(make_findings(patient_id=None), identifier="JP-1",
+                            name="Yamada^Tarou=\u5c71\u7530^\u592a\u90ce=\u3084\u307e\u3060^\u305f\u308d\u3046")
+    rb = build_report_bundle(findings, fhir_settings, now=NOW, include_pdf=False)
+    (name,) = resources(rb.bundle, "Patient")[0]["name"]
+    assert name["family"] == "Yamada" and name["given"] == ["Tarou"]
+    only_ideographic = _for_patient(make_findings(patient_id=None), identifier="JP-2",
+                                    name="=\u5c71\u7530^\u592a\u90ce")
+    rb = build_report_bundle(only_ideographic, fhir_settings, now=NOW, include_pdf=False)
+    (name,) = resources(rb.bundle, "Patient")[0]["name"]
+    assert name["family"] == "\u5c71\u7530" and name["given"] == ["\u592a\u90ce"]

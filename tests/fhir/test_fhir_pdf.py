@@ -86,3 +86,134 @@ def test_unreadable_pixels_still_give_a_report(fhir_settings):
     f = dataclasses.replace(f, acquisition=dataclasses.replace(f.acquisition, pixels=src))  # type: ignore[arg-type]
     rb = build_report_bundle(f, fhir_settings, now=NOW)
     assert "Image not available" in " ".join(pdf_text(rb.pdf or b"").split())
+
+
+# --------------------------------------------------------------------------- hostile content
+
+
+def _with_patient(f, **changes):
+    import dataclasses
+
+    acq = f.acquisition
+    return dataclasses.replace(f, acquisition=dataclasses.replace(
+        acq, patient=dataclasses.replace(acq.patient, **changes)))
+
+
+def _html_form(resource: dict) -> str:
+    form = next(p for p in resource["presentedForm"] if p["contentType"].startswith("text/html"))
+    return base64.b64decode(form["data"]).decode("utf-8")
+
+
+def _text_outside_page(data: bytes) -> list[str]:
+    """Text runs of the PDF that run past the right edge of the page (or start left of it)."""
+    from reportlab.pdfbase.pdfmetrics import stringWidth
+
+    bad: list[str] = []
+    for page in PdfReader(io.BytesIO(data)).pages:
+        right = float(page.mediabox.width)
+
+        def visit(text, cm, tm, font, size, right=right):
+            if not text.strip():
+                return
+            scale = cm[0] * tm[0] or 1.0
+            x = tm[4] * cm[0] + cm[4]
+            name = str((font or {}).get("/BaseFont", "/Helvetica")).lstrip("/")
+            width = stringWidth(text.strip("\n"), name, size * abs(scale))
+            if x < 0 or x + width > right + 1:
+                bad.append(text[:40])
+
+        page.extract_text(visitor_text=visit)
+    return bad
+
+
+def test_non_latin_names_are_substituted_visibly_not_dropped(fhir_settings):
+    cases = {
+        "山田^太郎": "[U+592A][U+90CE] [U+5C71][U+7530]",
+        "محمد^أحمد": "[U+0623][U+062D][U+0645][U+062F]",
+        "शर्मा^राहुल": "[U+0936][U+0930][U+094D][U+092E][U+093E]",
+        "Doe^Jane 🩸": "Jane [U+1FA78] Doe",
+        "Doe\x00^Jane": "Doe[U+0000]",
+    }
+    for name, shown in cases.items():
+        f = _with_patient(make_findings(), name=name)
+        rb = build_report_bundle(f, fhir_settings, now=NOW)
+        text = " ".join(pdf_text(rb.pdf or b"").split())
+        assert shown in text, (name, text[:400])
+        assert "■" not in text  # no anonymous boxes for unknown glyphs
+        assert "cannot show are written as [U+XXXX]" in text
+    # Latin text needs no substitution and gets no note
+    text = " ".join(pdf_text(build_report_bundle(make_findings(), fhir_settings, now=NOW).pdf or b"").split())
+    assert "[U+" not in text and "[U+XXXX]" not in text
+
+
+def test_combining_characters_are_composed_for_the_pdf(fhir_settings):
+    f = _with_patient(make_findings(), name="Zoe\u0301^Ame\u0301lie")
+    rb = build_report_bundle(f, fhir_settings, now=NOW)
+    text = " ".join(pdf_text(rb.pdf or b"").split())
+    assert "Amélie Zoé" in text
+    assert "[U+" not in text
+
+
+def test_html_keeps_exact_text_and_escapes_markup(fhir_settings):
+    name = '<script>alert("x")</script>^山田 🩸'
+    f = _with_patient(make_findings(), name=name)
+    rb = build_report_bundle(f, fhir_settings, now=NOW)
+    assert "<script>" not in rb.html
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in rb.html
+    assert "山田 🩸" in rb.html  # the HTML shows the original script, not code points
+    text = " ".join(pdf_text(rb.pdf or b"").split())
+    assert '<script>alert("x")</script>' in text  # shown literally, not interpreted
+
+
+def test_signoff_comment_keeps_line_breaks_and_is_escaped(fhir_settings):
+    f = make_findings()
+    rb = build_report_bundle(f, fhir_settings, now=NOW)
+    s = build_signoff_bundle(rb, practitioner_identifier="dr-42", practitioner_name="Dr <b>Ada</b>",
+                             signed_at=NOW, findings=f,
+                             comment="First line\nsecond <i>line</i> & more\r\nthird")
+    dr = next(e["resource"] for e in s["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
+    page = _html_form(dr)
+    assert "First line<br>second &lt;i&gt;line&lt;/i&gt; &amp; more<br>third" in page
+    assert "Dr &lt;b&gt;Ada&lt;/b&gt;" in page
+    pdf = base64.b64decode(next(p for p in dr["presentedForm"] if p["contentType"] == "application/pdf")["data"])
+    lines = pdf_text(pdf).splitlines()
+    assert any(line.strip().endswith("First line") for line in lines), lines
+    assert any(line.strip().startswith("second <i>line</i> & more") for line in lines), lines
+
+
+def test_long_unbroken_text_stays_on_the_page(fhir_settings):
+    import dataclasses
+
+    f = _with_patient(make_findings(labels=("blast", "indeterminate")), name="A" * 500)
+    f = dataclasses.replace(f, acquisition=dataclasses.replace(f.acquisition, filename="x" * 500 + ".png"))
+    cells = (f.cells[0], dataclasses.replace(f.cells[1], indeterminate_reason="r" * 500))
+    f = dataclasses.replace(f, cells=cells)
+    rb = build_report_bundle(f, fhir_settings, now=NOW)
+    assert _text_outside_page(rb.pdf or b"") == []
+    flat = "".join(pdf_text(rb.pdf or b"").split())
+    assert "A" * 500 in flat and "x" * 500 in flat and "r" * 500 in flat  # wrapped, not cut
+
+
+def test_many_cells_small_and_listing_says_it_is_partial(fhir_settings, artifacts_dir):
+    """2,000 cells in one field (render time is a benchmark's business, not a test's)."""
+    import dataclasses
+
+    f = make_findings()
+    cells = tuple(dataclasses.replace(f.cells[i % 3], box=(i % 600, (i * 7) % 440, 30, 30))
+                  for i in range(2000))
+    f = dataclasses.replace(f, cells=cells)
+    rb = build_report_bundle(f, fhir_settings, now=NOW)
+    assert rb.pdf is not None
+    (artifacts_dir / "report-2000-cells.pdf").write_bytes(rb.pdf)
+    assert len(rb.pdf) < 400_000  # ~180 kB measured
+    text = " ".join(pdf_text(rb.pdf).split())
+    assert "Showing the first 200 of 2000 cells" in text
+    assert "Showing the first 200 of 2000 cells" in rb.html
+    assert _text_outside_page(rb.pdf) == []
+
+
+def test_zero_and_indeterminate_only_render(fhir_settings):
+    for labels in ((), ("indeterminate",) * 3):
+        rb = build_report_bundle(make_findings(labels=labels), fhir_settings, now=NOW)
+        text = " ".join(pdf_text(rb.pdf or b"").split())
+        assert "Indeterminate" in text and "Showing the first" not in text
