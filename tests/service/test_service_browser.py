@@ -39,13 +39,6 @@ def _until(page, expression: str, timeout_s: float = 120) -> None:
         time.sleep(0.1)
 
 
-def _ready(client, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/readyz").get_json()
-        time.sleep(0.1)
-
-
 BCCD_FIELD = (Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "bccd" / "BCCD"
               / "JPEGImages" / "BloodImage_00000.jpg")
 
@@ -57,11 +50,10 @@ def _field_image() -> bytes:
     return BCCD_FIELD.read_bytes()
 
 
-def test_list_detail_alert_and_sign_off(make_app, live_server, browser, cell_png, tmp_path) -> None:
+def test_list_detail_alert_and_sign_off(running_app, live_server, browser, cell_png, tmp_path) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    app = make_app(start=True)
+    app = running_app
     client = app.test_client()
-    _ready(client)
     server = live_server(app)
     # one field analysed before the page opens
     field = client.post("/v1/analyses", data={"image": (io.BytesIO(_field_image()), "field.jpg")})
@@ -183,11 +175,10 @@ def _no_page_overflow(page, width: int = 400) -> None:
     assert page.evaluate("document.documentElement.scrollWidth") <= width, "the page scrolls sideways"
 
 
-def test_page_accessibility_errors_and_mobile(make_app, live_server, browser, cell_png, tmp_path) -> None:
+def test_page_accessibility_errors_and_mobile(running_app, live_server, browser, cell_png, tmp_path) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    app = make_app(start=True)
+    app = running_app
     client = app.test_client()
-    _ready(client)
     server = live_server(app)
     long_name = "Wolfeschlegelsteinhausenbergerdorff^Hubertblaineanderverylongnames " * 2
     blast_id = client.post("/v1/analyses", data={
@@ -304,12 +295,11 @@ def test_page_accessibility_errors_and_mobile(make_app, live_server, browser, ce
     assert len(console) == 3 and all(m.startswith("Failed to load resource") for m in console), console
 
 
-def test_page_shows_reconnecting_and_catches_up(make_app, live_server, browser, cell_png) -> None:
+def test_page_shows_reconnecting_and_catches_up(running_app, live_server, browser, cell_png) -> None:
     import waitress
 
-    app = make_app(start=True)
+    app = running_app
     client = app.test_client()
-    _ready(client)
     server = live_server(app)
     port = server.server.effective_port
     page = browser.new_page()
