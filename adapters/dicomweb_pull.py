@@ -2,16 +2,23 @@
 
 Instances are fetched one at a time in their stored transfer syntax (``transfer-syntax=*``),
 validated and spooled durably like C-STORE and STOW-RS input, so a large study never sits in
-memory whole. Instances we cannot analyse (other SOP classes: reports, labels in other
-classes) are skipped and listed, not fatal.
+memory whole. Every answer is read through :class:`BoundedSession`, which stops at
+``image.max_bytes`` of decoded content (a gzip-encoded answer is counted as inflated), so a
+PACS that sends a compression bomb or an endless body gets a :class:`DicomWebError`, not our
+memory. Instances we cannot analyse (other SOP classes: reports, labels in other classes) are
+skipped and listed, not fatal.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import requests
 from pydicom import dcmwrite
@@ -29,6 +36,12 @@ log = logging.getLogger(__name__)
 SOP_CLASS_TAG = "00080016"
 SERIES_TAG = "0020000E"
 SOP_INSTANCE_TAG = "00080018"
+#: Answers worth asking again for (the PACS is busy or timed out), as DICOMweb clients do.
+RETRIABLE_STATUS = frozenset({408, 429, 503, 504})
+#: First wait between attempts; it doubles each time.
+RETRY_WAIT_S = 1.0
+
+T = TypeVar("T")
 
 
 class DicomWebError(LeukFhirError):
@@ -50,6 +63,86 @@ class PulledStudy:
         return self.stored[0][0].parent if self.stored else None
 
 
+class DicomWebTooLargeError(DicomWebError):
+    """An answer from the PACS is larger than ``image.max_bytes`` once decoded."""
+
+    code = "dicomweb-too-large"
+
+
+class BoundedSession(requests.Session):
+    """A :class:`requests.Session` that reads every answer whole, up to ``max_bytes`` of
+    decoded content, and raises :class:`DicomWebTooLargeError` beyond it.
+
+    Callers that asked for a stream get the same bytes from memory, so the bound holds however
+    the DICOMweb library reads the answer.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__()
+        self.max_bytes = max_bytes
+
+    def send(self, request: requests.PreparedRequest, **kwargs: object) -> requests.Response:
+        kwargs["stream"] = True
+        response = super().send(request, **kwargs)  # type: ignore[arg-type]
+        declared = response.headers.get("Content-Length", "")
+        encoded = response.headers.get("Content-Encoding", "identity").lower()
+        if declared.isdigit() and encoded == "identity" and int(declared) > self.max_bytes:
+            response.close()
+            raise DicomWebTooLargeError(self._too_large(request, f"declares {int(declared)} bytes"))
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            for chunk in response.raw.stream(self.CHUNK, decode_content=True):
+                total += len(chunk)
+                if total > self.max_bytes:
+                    raise DicomWebTooLargeError(self._too_large(request, "goes on"))
+                chunks.append(chunk)
+        except DicomWebTooLargeError:
+            response.close()
+            raise
+        except Exception as exc:  # urllib3 protocol and decoding errors
+            response.close()
+            raise requests.ConnectionError(
+                f"reading the answer to {request.method} {request.url} failed: {exc}"
+            ) from exc
+        response._content = b"".join(chunks)
+        response._content_consumed = True  # type: ignore[attr-defined]
+        response.close()
+        return response
+
+    def _too_large(self, request: requests.PreparedRequest, how: str) -> str:
+        return (
+            f"the answer to {request.method} {request.url} {how} beyond {self.max_bytes} bytes "
+            f"(image.max_bytes); nothing of it was kept"
+        )
+
+
+def _with_retries(call: Callable[[], T], attempts: int, what: str) -> T:
+    """``call()``, tried up to ``attempts`` times on connection errors, timeouts and
+    :data:`RETRIABLE_STATUS` answers, with exponential back-off. An answer that is too large
+    is not asked for again."""
+    wait = RETRY_WAIT_S
+    for attempt in range(1, max(attempts, 1) + 1):
+        try:
+            return call()
+        except requests.HTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else None
+            if status not in RETRIABLE_STATUS or attempt >= attempts:
+                raise
+            reason: object = status
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            if attempt >= attempts:
+                raise
+            reason = exc
+        log.warning("%s: attempt %d of %d failed (%s); again in %.0f s",
+                    what, attempt, attempts, reason, wait)
+        time.sleep(wait)
+        wait *= 2
+    raise AssertionError("unreachable")
+
+
 def _first(attrs: dict, tag: str) -> str | None:
     values = attrs.get(tag, {}).get("Value") or []
     return str(values[0]) if values else None
@@ -67,14 +160,23 @@ def pull_study(
 ) -> PulledStudy:
     """Fetch every analysable instance of ``study_uid`` from the DICOMweb service at ``url``.
 
-    ``attempts`` > 1 retries 408/429/503/504 answers with exponential back-off.
+    ``attempts`` > 1 retries connection errors, timeouts and 408/429/503/504 answers with
+    exponential back-off. An instance whose answer is not DICOM is skipped. Every answer
+    is bounded by ``image_settings.max_bytes`` (:class:`BoundedSession`; a ``session`` given
+    here is used as it is).
     """
     from dicomweb_client import DICOMwebClient
 
+    if session is None:
+        session = BoundedSession(image_settings.max_bytes)
     client = DICOMwebClient(url=url.rstrip("/"), session=session, timeout=timeout_s)
-    client.set_http_retry_params(retry=attempts > 1, max_attempts=max(attempts, 1))
+    client.set_http_retry_params(retry=False)  # retried here, where a too-large answer is final
     try:
-        instances = client.search_for_instances(study_instance_uid=study_uid, get_remaining=True)
+        instances = _with_retries(
+            lambda: client.search_for_instances(study_instance_uid=study_uid, get_remaining=True),
+            attempts,
+            f"QIDO-RS search at {url}",
+        )
     except requests.HTTPError as exc:
         raise DicomWebError(f"QIDO-RS search at {url} failed: {exc}") from exc
     except requests.RequestException as exc:
@@ -93,11 +195,26 @@ def pull_study(
             result.skipped.append((sop_uid, f"SOP class {sop_class} is not analysed"))
             continue
         try:
-            ds = client.retrieve_instance(
-                study_uid, series_uid, sop_uid, media_types=(("application/dicom", "*"),)
+            ds = _with_retries(
+                functools.partial(
+                    client.retrieve_instance,
+                    study_uid,
+                    series_uid,
+                    sop_uid,
+                    media_types=(("application/dicom", "*"),),
+                ),
+                attempts,
+                f"WADO-RS retrieve of instance {sop_uid}",
             )
         except requests.RequestException as exc:
             raise DicomWebError(f"WADO-RS retrieve of instance {sop_uid} failed: {exc}") from exc
+        except LeukFhirError:
+            raise
+        except Exception as exc:  # a body that is not a DICOM instance (pydicom, multipart)
+            result.skipped.append(
+                (sop_uid, f"WADO-RS answer is not a readable DICOM instance: {exc}")
+            )
+            continue
         try:
             validate_dicom(ds, image_settings, name=f"instance {sop_uid}")
         except (InputError, LeukFhirError) as exc:
