@@ -233,7 +233,9 @@ def _ehr_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fhir-base", help="EHR FHIR base URL (default: fhir.base_url)")
     p.add_argument("--auth", choices=["none", "bearer", "basic", "smart-backend"],
                    help="authentication scheme (default: fhir.auth)")
-    p.add_argument("--bearer-token", help="static bearer token (for --auth bearer)")
+    p.add_argument("--bearer-token", help="static bearer token (for --auth bearer); other users "
+                   "of this machine can read command lines, so prefer LEUK_FHIR_FHIR_BEARER_TOKEN "
+                   "or fhir.bearer_token in a settings file only you can read")
     p.add_argument("--timeout", type=float, help="HTTP timeout in seconds")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import heapq
+import ipaddress
 import itertools
 import json
 import logging
@@ -170,6 +171,35 @@ def _check_base_url(base_url: str) -> None:
                                  hint="use fhir.auth with fhir.username / fhir.password or a token")
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigurationError(f"fhir.base_url {base_url!r} is not an http(s) URL")
+
+
+_warned_plain_http: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _warn_plain_http(base_url: str) -> None:
+    """Log once per process and base URL when reports would travel unencrypted to another
+    machine (plain http:// to a host that is not this one)."""
+    parts = urlsplit(base_url)
+    if parts.scheme != "http" or _loopback(parts.hostname or ""):
+        return
+    with _warned_lock:
+        if base_url in _warned_plain_http:
+            return
+        _warned_plain_http.add(base_url)
+    log.warning(
+        "fhir.base_url %s is plain http:// to another host: reports (patient data) and "
+        "credentials travel unencrypted; use https:// outside a closed test network", base_url
+    )
 
 
 # ---------------------------------------------------------------------- total deadline
@@ -368,6 +398,7 @@ class EhrClient:
         max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         _check_base_url(base_url)
+        _warn_plain_http(base_url)
         self.base_url = base_url.rstrip("/")
         self.auth = auth or NoAuth()
         self.timeout = (connect_timeout_s or min(10.0, timeout_s), timeout_s)

@@ -215,3 +215,18 @@ def test_malformed_smart_answers_are_authentication_errors(rsa_key, route, answe
         assert proxy.log.authorizations == [], "no request without a token"
     finally:
         proxy.stop()
+
+
+def test_plain_http_to_another_host_is_warned_about_once(caplog):
+    """Reports and credentials over http:// to another machine travel unencrypted: the client
+    says so once per base URL; loopback and https:// are quiet."""
+    caplog.set_level("WARNING", logger="leuk_fhir.delivery.client")
+    for url in ("https://ehr.example.org/fhir", "http://127.0.0.1:8080/fhir",
+                "http://localhost/fhir", "http://[::1]:8080/fhir"):
+        EhrClient(url)
+    assert not caplog.records
+    EhrClient("http://ehr-warn-test.example.org/fhir")
+    EhrClient("http://ehr-warn-test.example.org/fhir")
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "unencrypted" in warnings[0]
+    assert "http://ehr-warn-test.example.org/fhir" in warnings[0]
