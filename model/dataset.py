@@ -446,10 +446,14 @@ def load_dataset(
     items, grouping = _assign_groups(items, Path(source), group_pattern, groups)
     if binary_positive is not None:
         names = {i.label for i in items}
-        if binary_positive not in names:
+        # the folder's own spelling of the name, matched as class names are everywhere (case,
+        # surrounding spaces, Unicode form); folders that differ only so are refused above
+        spelt = [n for n in names if class_key(n) == class_key(binary_positive)]
+        if not spelt:
             raise DatasetError(
                 f"--binary-positive {binary_positive!r} is not a class of {source} ({sorted(names)})"
             )
+        binary_positive = spelt[0]
         items = [
             i
             if i.label == binary_positive

@@ -210,6 +210,8 @@ def test_binary_relabelling(tmp_path: Path) -> None:
             _save(tmp_path / name / f"{i}.png", kind, 10 * c + i)
     ds = load_dataset(tmp_path, 24, LIMIT, binary_positive="lymphocyte")
     assert ds.counts() == {"lymphocyte": 2, "other": 4}
+    # named as a user might type it: the folder's own spelling is kept
+    assert load_dataset(tmp_path, 24, LIMIT, binary_positive=" Lymphocyte").counts() == ds.counts()
     with pytest.raises(DatasetError, match="not a class"):
         load_dataset(tmp_path, 24, LIMIT, binary_positive="blast")
 
