@@ -9,6 +9,7 @@ Precedence (last wins): built-in defaults, ``[section]`` tables of a TOML file
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -332,4 +333,34 @@ def load_settings(
             raise ConfigurationError(f"config file {config_file} is not UTF-8 text: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigurationError(f"config file {config_file} is not valid TOML: {exc}") from exc
+    _refuse_unknown_environment(env)
     return _build(Settings, values, env, ENV_PREFIX)
+
+
+def _refuse_unknown_environment(env: Mapping[str, str]) -> None:
+    """A ``LEUK_FHIR_<SECTION>_...`` variable of a known section that names no setting is a
+    mistake (a misspelt ``LEUK_FHIR_FHIR_BASEURL`` would leave every report in the outbox), as
+    an unknown key in the file is. Variables outside the sections (``LEUK_FHIR_TEST_*``,
+    ``LEUK_FHIR_HAPI_*`` of the test harness) are not settings and are left alone."""
+    hints = typing.get_type_hints(Settings)
+    sections = {
+        f.name.upper(): [g.name.upper() for g in dataclasses.fields(hints[f.name])]
+        for f in dataclasses.fields(Settings)
+        if dataclasses.is_dataclass(hints[f.name])
+    }
+    unknown: list[str] = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section, _, rest = name[len(ENV_PREFIX) :].partition("_")
+        if section in sections and rest not in sections[section]:
+            guess = difflib.get_close_matches(rest, sections[section], n=1)
+            unknown.append(
+                f"{name} (did you mean {ENV_PREFIX}{section}_{guess[0]}?)" if guess else name
+            )
+    if unknown:
+        raise ConfigurationError(
+            f"unknown setting(s) in the environment: {', '.join(unknown)}",
+            hint="environment variables are LEUK_FHIR_<SECTION>_<FIELD>; docs/configuration.md "
+            "lists them",
+        )

@@ -77,6 +77,19 @@ def test_unknown_keys_and_bad_toml_are_rejected(tmp_path: Path):
         load_settings(tmp_path / "missing.toml", env={})
 
 
+def test_a_misspelt_environment_setting_is_refused_with_a_suggestion():
+    with pytest.raises(ConfigurationError, match=r"LEUK_FHIR_FHIR_BASEURL \(did you mean "
+                       r"LEUK_FHIR_FHIR_BASE_URL\?\)") as caught:
+        load_settings(env={"LEUK_FHIR_FHIR_BASEURL": "https://ehr.example.org/fhir"})
+    assert "LEUK_FHIR_<SECTION>_<FIELD>" in (caught.value.hint or "")
+    with pytest.raises(ConfigurationError, match="LEUK_FHIR_DICOM_PROT"):
+        load_settings(env={"LEUK_FHIR_DICOM_PROT": "104", "LEUK_FHIR_DICOM_PORT": "104"})
+    # variables outside the settings' sections belong to other tools (the test harness)
+    settings = load_settings(env={"LEUK_FHIR_TEST_FHIR_BASE": "x", "LEUK_FHIR_HAPI_CDS": "1",
+                                  "LEUK_FHIR_DATA_DIR": "/tmp/leuk", "LEUK_FHIR_SHARED": "y"})
+    assert settings.data_dir == Path("/tmp/leuk")
+
+
 def test_replace_changes_sections_without_mutating():
     base = Settings()
     changed = base.replace(data_dir=Path("/x"), dicom__port=2000)
