@@ -33,6 +33,21 @@ from leuk_fhir.errors import (
 from leuk_fhir.settings import ImageSettings
 
 log = logging.getLogger(__name__)
+
+
+class _PluginFailuresQuiet(logging.Filter):
+    """pydicom logs each decoding plugin's failure as an ERROR with its traceback before it
+    raises; :func:`decode_frame` turns that failure into one typed error with the reason, so
+    the record is kept at DEBUG without the traceback (one line per bad frame, not thirty)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_PluginFailuresQuiet())
 DICOM_MAGIC_OFFSET = 128
 DEFAULT_MAX_BYTES = ImageSettings().max_bytes
 #: Inflated bytes read first from a Deflated data set, to check its declared size early.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import date, datetime
 from pathlib import Path
 
@@ -262,6 +263,20 @@ def test_corrupt_jpeg_frame_is_refused_not_decoded_to_garbage(
     ds.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
     with pytest.raises(InvalidImageError, match="frame 0 could not be decoded"):
         open_acquisition(tmp_path / "bad.dcm").pixels.read_frame(0)
+
+
+def test_a_bad_frame_is_one_typed_error_not_a_logged_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ds = damage_first_jpeg_frame(
+        dicom_microscopy_dataset(FIELD, transfer_syntax=JPEGBaseline8Bit), keep_headers=True
+    )
+    ds.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
+    caplog.set_level(logging.INFO)
+    with pytest.raises(InvalidImageError, match=r"(?s)frame 0 could not be decoded: .*pillow"):
+        open_acquisition(tmp_path / "bad.dcm").pixels.read_frame(0)
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("pydicom")]
+    assert "Traceback" not in caplog.text
 
 
 def test_native_ybr_full_422_decodes(tmp_path: Path) -> None:
