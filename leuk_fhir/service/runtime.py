@@ -252,13 +252,17 @@ class LeukFhirService:
         """C-STORE callback: take over a spooled instance (or study folder) and queue it.
 
         Raises :class:`~leuk_fhir.errors.QueueFullError` when the queue is full, which the
-        receiver answers with a DICOM "out of resources" status.
+        receiver answers with a DICOM "out of resources" status. A study folder (study mode)
+        was acknowledged instance by instance before it is opened as one acquisition, so the
+        device cannot be told when that fails: the study is then kept as a failed analysis
+        that says why, on the page and in the API, rather than refused and removed.
         """
         self.submit_file(
             path, transport=Transport.C_STORE, media_type="application/dicom",
             filename=f"{reference.sop_instance_uid or reference.study_uid}"
             + ("" if path.is_dir() else ".dcm"),
             submitted_by=f"DICOM AE {reference.calling_ae_title or '?'}",
+            keep_rejected=path.is_dir(),
         )
 
     def submit_file(
@@ -270,8 +274,11 @@ class LeukFhirService:
         filename: str | None,
         scope: Scope | None = None,
         submitted_by: str | None = None,
+        keep_rejected: bool = False,
     ) -> AnalysisRecord:
-        """Queue a file already on disk (moved into the service's data directory)."""
+        """Queue a file already on disk (moved into the service's data directory). With
+        ``keep_rejected``, input that cannot be opened is kept as a failed analysis instead of
+        raising and being removed (for data whose sender was already told it arrived)."""
 
         def move_in(upload: Path) -> str:
             shutil.move(str(path), upload)
@@ -279,7 +286,7 @@ class LeukFhirService:
 
         return self._accept(
             move_in, filename=filename, media_type=media_type, transport=transport,
-            scope=scope, order=None, submitted_by=submitted_by,
+            scope=scope, order=None, submitted_by=submitted_by, keep_rejected=keep_rejected,
         )
 
     def _accept(
@@ -292,16 +299,19 @@ class LeukFhirService:
         scope: Scope | None,
         order: AnalysisOrder | None,
         submitted_by: str | None,
+        keep_rejected: bool = False,
     ) -> AnalysisRecord:
         """Reserve a queue slot, ``place`` the upload (returns its sha256), persist, queue.
 
         Anything that fails before the job row is committed releases the slot and removes
-        the analysis folder, so nothing half-written is ever analysed.
+        the analysis folder, so nothing half-written is ever analysed; with ``keep_rejected``
+        an upload that was placed whole but cannot be opened is kept as a failed analysis.
         """
         self.queue.reserve()
         analysis_id = new_analysis_id()
         folder = self.analysis_dir(analysis_id)
         committed = False
+        digest: str | None = None
         try:
             upload = folder / "upload" / _safe_filename(filename)
             upload.parent.mkdir(parents=True, exist_ok=True)
@@ -312,6 +322,19 @@ class LeukFhirService:
             )
             committed = True
             return record
+        except InputError as exc:
+            if not keep_rejected or digest is None:
+                raise
+            self.queue.release()
+            committed = True  # the slot is released; the folder stays with the failed analysis
+            self.store.insert_analysis(
+                analysis_id, transport=str(transport), upload_path=upload, filename=filename,
+                media_type=media_type, content_sha256=digest,
+                scope=str(scope) if scope else None, submitted_by=submitted_by,
+            )
+            log.warning("analysis %s: kept, not analysed: %s", analysis_id, exc)
+            self._fail(analysis_id, exc.code, str(exc))
+            return self.store.get_analysis(analysis_id)
         finally:
             if not committed:
                 self.queue.release()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import time
+from pathlib import Path
 
 import pytest
 from pydicom import dcmread
@@ -92,3 +93,31 @@ def test_stow_rs(make_app) -> None:
     assert wrong_type.status_code == 415
     assert wrong_type.mimetype == "application/problem+json"
     assert len(app.extensions["leuk_fhir"].store.list_analyses()) == 2
+
+
+def test_a_study_that_cannot_be_opened_is_kept_as_a_failed_analysis(make_app, settings) -> None:
+    """Study mode acknowledges each instance before the study is opened as one acquisition,
+    so a study that then fails (here: one Study Instance UID for two patients) cannot be
+    refused to the device: it is kept, whole, as a failed analysis that says why."""
+    app = make_app(start=True, settings_=settings.replace(
+        dicom__enabled=True, dicom__port=0, dicom__analysis_unit="study", dicom__study_idle_s=0.3))
+    service = app.extensions["leuk_fhir"]
+    first = dicom_microscopy_dataset(generate_cell("blast", 5), patient_id="PAT-1")
+    second = dicom_microscopy_dataset(generate_cell("normal", 6), patient_id="PAT-2",
+                                      study_uid=first.StudyInstanceUID)
+    for ds in (first, second):
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        assert _c_store(service.dicom_receiver.port, out.getvalue()) == 0x0000
+    deadline = time.monotonic() + 30
+    while not (records := service.store.list_analyses()):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    (record,) = records
+    assert record.status == "failed" and record.transport == "c-store"
+    assert "different patients" in (record.error_message or "")
+    kept = sorted(p.name for p in Path(record.upload_path).rglob("*") if p.is_file())
+    assert len(kept) == 2, kept
+    assert service.queue.pending == 0  # the reserved place was given back
+    page = app.test_client().get(f"/v1/analyses/{record.id}").get_json()
+    assert page["status"] == "failed" and "different patients" in page["error"]["message"]
