@@ -6,6 +6,12 @@ rename) and only then acknowledged with status 0x0000; then ``on_instance`` is c
 ``analysis_unit = "study"`` mode, ``on_instance(study_dir, study_reference)`` is called once a
 study has received nothing for ``study_idle_s`` seconds.
 
+With ``recover_spool`` (for a callback that takes each file or study folder out of the spool,
+as the service does), nothing acknowledged is forgotten: at start, instances an earlier run
+left in the spool (it was killed before their study went idle, or stopped while the analysis
+queue was full) are offered to ``on_instance`` again, as pending studies in study mode and one
+by one in instance mode; half-written ``.part`` files, never acknowledged, are removed.
+
 Refusals: an unknown calling AE title is rejected at association (A-ASSOCIATE-RJ, "calling AE
 title not recognised"); SOP classes and transfer syntaxes we cannot read are rejected at
 presentation-context negotiation; a bad instance (no Study Instance UID, a SOP Instance UID
@@ -25,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 
@@ -32,7 +39,7 @@ from leuk_fhir.acquisition import DicomReference
 from leuk_fhir.adapters.dicom_files import check_first_frame, inflate_dataset, validate_dicom
 from leuk_fhir.adapters.dicom_metadata import ACCEPTED_SOP_CLASSES, dicom_reference
 from leuk_fhir.adapters.plugins import TRANSFER_SYNTAX_PACKAGES, decoder_available
-from leuk_fhir.adapters.spool import durable_write, safe_uid, spool_path
+from leuk_fhir.adapters.spool import INCOMING, durable_write, safe_uid, spool_path
 from leuk_fhir.errors import (
     ConfigurationError,
     ImageTooLargeError,
@@ -81,6 +88,7 @@ class CStoreReceiver:
         on_instance: InstanceCallback,
         *,
         image_settings: ImageSettings = DEFAULT_IMAGE_SETTINGS,
+        recover_spool: bool = False,
     ) -> None:
         if dicom_settings.analysis_unit not in ("instance", "study"):
             raise ConfigurationError(
@@ -94,9 +102,12 @@ class CStoreReceiver:
         self.image_settings = image_settings
         self.spool_dir = Path(spool_dir)
         self.on_instance = on_instance
+        self.recover_spool = recover_spool
         self._server: Any = None
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[float, DicomReference]] = {}
+        #: Instances found in the spool at start (instance mode), offered again one by one.
+        self._leftovers: list[tuple[Path, DicomReference]] = []
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
         #: Counters for monitoring: stored, refused, callback_errors.
@@ -112,6 +123,8 @@ class CStoreReceiver:
         from pynetdicom import AE, evt
 
         self.spool_dir.mkdir(parents=True, exist_ok=True)
+        if self.recover_spool:
+            self._recover_spool()
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_pdu_size = 0  # unlimited
         if self.settings.allowed_calling_aes:
@@ -134,7 +147,7 @@ class CStoreReceiver:
             raise ConfigurationError(
                 f"cannot listen for DICOM on {self.settings.host}:{self.settings.port}: {exc}"
             ) from exc
-        if self.settings.analysis_unit == "study":
+        if self.settings.analysis_unit == "study" or self._leftovers:
             self._stop.clear()
             self._flusher = threading.Thread(
                 target=self._flush_loop, name="dicom-study-flush", daemon=True
@@ -252,10 +265,55 @@ class CStoreReceiver:
             return _status(STATUS_PROCESSING_FAILURE, f"stored, not queued: {exc}")
         return _status(STATUS_SUCCESS)
 
+    # -- what an earlier run left ----------------------------------------------------------------
+
+    def _recover_spool(self) -> None:
+        """Queue again the instances an earlier run acknowledged but did not hand over."""
+        found = 0
+        for folder in sorted(p for p in self.spool_dir.iterdir() if p.is_dir()):
+            for part in (folder / INCOMING).glob("*.part"):
+                part.unlink(missing_ok=True)  # half-written: its sender was never answered
+            for path in sorted(folder.glob("*.dcm")):
+                try:
+                    ref = dicom_reference(dcmread(path, stop_before_pixels=True))
+                except Exception as exc:  # kept where it is for a person to look at
+                    log.error("spooled file %s cannot be read again, left in place: %s", path, exc)
+                    continue
+                if not ref.sop_instance_uid:  # filed under the C-STORE command's UID
+                    ref = dataclasses.replace(ref, sop_instance_uid=path.stem)
+                if not ref.study_uid or safe_uid(ref.study_uid) != folder.name:
+                    log.error("spooled file %s does not belong to study folder %s, left in place",
+                              path, folder.name)
+                    continue
+                found += 1
+                if self.settings.analysis_unit == "study":
+                    self._pending.setdefault(ref.study_uid, (time.monotonic(), ref))
+                else:
+                    self._leftovers.append((path, ref))
+        if found:
+            log.warning(
+                "%d instance(s) from an earlier run found in %s: offered for analysis again",
+                found, self.spool_dir,
+            )
+
+    def _offer_leftovers(self) -> None:
+        while self._leftovers:
+            path, ref = self._leftovers[0]
+            try:
+                if path.exists():
+                    self.on_instance(path, ref)
+            except QueueFullError:
+                return  # offered again on the next tick
+            except Exception as exc:
+                self.stats["callback_errors"] += 1
+                log.error("spooled instance %s not queued, left in place: %s", path, exc)
+            self._leftovers.pop(0)
+
     # -- study mode ----------------------------------------------------------------------------
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(min(0.2, self.settings.study_idle_s / 4)):
+            self._offer_leftovers()
             self._flush_studies(force=False)
 
     def _flush_studies(self, *, force: bool) -> None:

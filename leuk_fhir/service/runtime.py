@@ -176,7 +176,7 @@ class LeukFhirService:
 
             self.dicom_receiver = CStoreReceiver(
                 self.settings.dicom, self.data_dir / "dicom-spool", self.submit_dicom_instance,
-                image_settings=self.settings.image,
+                image_settings=self.settings.image, recover_spool=True,
             )
             self.dicom_receiver.start()
 
@@ -252,17 +252,19 @@ class LeukFhirService:
         """C-STORE callback: take over a spooled instance (or study folder) and queue it.
 
         Raises :class:`~leuk_fhir.errors.QueueFullError` when the queue is full, which the
-        receiver answers with a DICOM "out of resources" status. A study folder (study mode)
-        was acknowledged instance by instance before it is opened as one acquisition, so the
-        device cannot be told when that fails: the study is then kept as a failed analysis
-        that says why, on the page and in the API, rather than refused and removed.
+        receiver answers with a DICOM "out of resources" status. The instance was validated
+        and stored before this is called (a study folder, in study mode, was acknowledged
+        instance by instance; an instance left in the spool by an earlier run was too), so
+        input that cannot then be opened is kept as a failed analysis that says why, on the
+        page and in the API, rather than refused and removed: C-STORE's status is about
+        storage, and analysis failures are reported where every other one is.
         """
         self.submit_file(
             path, transport=Transport.C_STORE, media_type="application/dicom",
             filename=f"{reference.sop_instance_uid or reference.study_uid}"
             + ("" if path.is_dir() else ".dcm"),
             submitted_by=f"DICOM AE {reference.calling_ae_title or '?'}",
-            keep_rejected=path.is_dir(),
+            keep_rejected=True,
         )
 
     def submit_file(

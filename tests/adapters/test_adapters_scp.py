@@ -409,3 +409,66 @@ def test_callback_failure_comment_keeps_the_reason(tmp_path: Path) -> None:
     with CStoreReceiver(DicomSettings(port=0), tmp_path, analyse) as rx:
         status, comment = _send(dicom_microscopy_dataset(FIELD), rx.port)
     assert status == 0xC000 and comment.startswith("instance: frame 0 could not be decoded")
+
+
+class Refusing(Received):
+    """A callback whose analysis queue is full for the first ``full`` calls."""
+
+    def __init__(self, full: int) -> None:
+        super().__init__()
+        self.full = full
+
+    def __call__(self, path: Path, ref: DicomReference) -> None:
+        if self.full > 0:
+            self.full -= 1
+            raise QueueFullError("analysis queue is full")
+        super().__call__(path, ref)
+
+
+def test_studies_left_in_the_spool_are_offered_again_at_start(tmp_path: Path) -> None:
+    """A study acknowledged but never handed over (here: the queue was full when the listener
+    stopped) is pending again when a listener with ``recover_spool`` starts on that spool."""
+    settings = DicomSettings(port=0, analysis_unit="study", study_idle_s=0.3)
+    first = dicom_microscopy_dataset(FIELD)
+    second = dicom_microscopy_dataset(FIELD[:, ::-1], study_uid=first.StudyInstanceUID)
+    with CStoreReceiver(settings, tmp_path, Refusing(full=100)) as rx:
+        assert _send(first, rx.port)[0] == 0 and _send(second, rx.port)[0] == 0
+    folder = tmp_path / first.StudyInstanceUID
+    assert len(list(folder.glob("*.dcm"))) == 2
+    # a crash in the middle of a write leaves a .part file (not provoked here: written by hand)
+    (folder / ".incoming" / "dead.part").write_bytes(b"half an instance")
+
+    untouched = Received()
+    with CStoreReceiver(settings, tmp_path, untouched):  # the default: no recovery
+        assert not untouched.event.wait(1.0)  # three idle periods
+    assert untouched.items == [] and (folder / ".incoming" / "dead.part").exists()
+
+    got = Refusing(full=1)  # still full at the first offer: offered again after the idle time
+    with CStoreReceiver(settings, tmp_path, got, recover_spool=True):
+        assert got.event.wait(10)
+    [(path, ref)] = got.items
+    assert path == folder and ref.study_uid == first.StudyInstanceUID
+    assert ref.sop_instance_uid is None and ref.series_uid is None
+    assert not (folder / ".incoming" / "dead.part").exists()
+    assert open_acquisition(folder).pixels.frame_count == 2
+
+
+def test_instances_left_in_the_spool_are_offered_one_by_one(tmp_path: Path) -> None:
+    settings = DicomSettings(port=0)
+    datasets = [dicom_microscopy_dataset(FIELD), dicom_microscopy_dataset(FIELD[::-1])]
+    with CStoreReceiver(settings, tmp_path, Refusing(full=100)) as rx:
+        assert [_send(ds, rx.port)[0] for ds in datasets] == [0xA700, 0xA700]
+    (tmp_path / "not-a-dicom-study").mkdir()
+    (tmp_path / "not-a-dicom-study" / "x.dcm").write_bytes(b"junk")  # left alone, logged
+    got = Refusing(full=1)
+    with CStoreReceiver(settings, tmp_path, got, recover_spool=True):
+        deadline = threading.Event()
+        for _ in range(100):
+            if len(got.items) == 2:
+                break
+            deadline.wait(0.1)
+    assert sorted(ref.sop_instance_uid for _, ref in got.items) == sorted(
+        ds.SOPInstanceUID for ds in datasets
+    )
+    assert all(path.is_file() and path.suffix == ".dcm" for path, _ in got.items)
+    assert (tmp_path / "not-a-dicom-study" / "x.dcm").exists()

@@ -83,3 +83,83 @@ def test_serve_runs_on_embedded_defaults_and_stops_cleanly(tmp_path: Path) -> No
         finally:
             if process.poll() is None:
                 process.kill()
+
+
+def _serve(data: Path, dicom_port: int, idle_s: float) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "LEUK_FHIR_DICOM_PORT": str(dicom_port),
+           "LEUK_FHIR_DICOM_ANALYSIS_UNIT": "study", "LEUK_FHIR_DICOM_STUDY_IDLE_S": str(idle_s)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "leuk_fhir", "serve", "--port", "0", "--data-dir", str(data)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if match := re.search(r"serving (http://\S+?)/ ", line):
+            return process, match.group(1)
+    raise AssertionError("".join(lines))
+
+
+@pytest.mark.slow
+def test_a_study_acknowledged_before_a_crash_is_analysed_after_the_restart(tmp_path: Path) -> None:
+    """`serve` in study mode acknowledges two instances, then is killed (SIGKILL) before the
+    study goes idle. The next `serve` on the same data directory analyses that study."""
+    import io
+    import socket
+
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    from leuk_fhir.adapters.synthetic import dicom_microscopy_dataset
+    from leuk_fhir.model.synthetic import generate_cell
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = tmp_path / "d"
+    first = dicom_microscopy_dataset(generate_cell("blast", 1), patient_id="PAT-CRASH")
+    second = dicom_microscopy_dataset(generate_cell("blast", 2), patient_id="PAT-CRASH",
+                                      study_uid=first.StudyInstanceUID)
+    process, _ = _serve(data, port, idle_s=600)
+    try:
+        for ds in (first, second):
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            sent = dcmread(io.BytesIO(buffer.getvalue()))
+            ae = AE(ae_title="SCOPE01")
+            ae.add_requested_context(sent.SOPClassUID, sent.file_meta.TransferSyntaxUID)
+            deadline = time.monotonic() + 60
+            while not (assoc := ae.associate("127.0.0.1", port, ae_title="LEUKFHIR")).is_established:
+                assert time.monotonic() < deadline, "the DICOM listener did not come up"
+                time.sleep(0.2)
+            try:
+                assert int(assoc.send_c_store(sent).Status) == 0
+            finally:
+                assoc.release()
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    assert ServiceStore(data / "service.sqlite3").list_analyses() == []  # never handed over
+
+    process, url = _serve(data, port, idle_s=0.5)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            body = requests.get(f"{url}/v1/analyses", timeout=5).json()
+            items = body["analyses"]
+            if items and items[0]["status"] not in ("queued", "running"):
+                break
+            assert time.monotonic() < deadline, body
+            time.sleep(0.3)
+        [analysis] = items
+        assert analysis["status"] == "completed" and analysis["transport"] == "c-store", analysis
+        assert analysis["outcome"] == "blasts-detected"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            assert process.wait(30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert not list((data / "dicom-spool").rglob("*.dcm"))
