@@ -145,6 +145,26 @@ def test_unfinished_work_survives_a_restart(make_app, cell_png) -> None:
     assert client2.get(f"/v1/analyses/{ids[1]}").get_json()["attempts"] == 2
 
 
+def test_a_sign_off_interrupted_by_a_crash_can_be_done_again(make_app, cell_png) -> None:
+    """The process died between claiming a sign-off and recording it: after the restart the
+    report is preliminary again (not "being signed off" for ever) and can be signed off."""
+    first = make_app(start=True)
+    client = first.test_client()
+    analysis_id = submit(client, cell_png("blast", 31))
+    assert wait_for(client, analysis_id)["status"] == "completed"
+    first.extensions["leuk_fhir"].store.claim_sign_off(analysis_id)  # then the crash
+    answer = client.post(f"/v1/analyses/{analysis_id}/sign-off", json={"signed_off_by": "Dr B"})
+    assert answer.status_code == 409 and "being signed off" in answer.get_json()["detail"]
+    first.extensions["leuk_fhir"].stop()
+
+    second = make_app(start=True)
+    client2 = second.test_client()
+    assert client2.get(f"/v1/analyses/{analysis_id}").get_json()["report"]["status"] == "preliminary"
+    answer = client2.post(f"/v1/analyses/{analysis_id}/sign-off", json={"signed_off_by": "Dr B"})
+    assert answer.status_code == 200, answer.get_json()
+    assert answer.get_json()["report"]["status"] == "final"
+
+
 def test_logs_carry_no_patient_data(running_app, cell_png, caplog) -> None:
     caplog.set_level(logging.DEBUG)
     client = running_app.test_client()
