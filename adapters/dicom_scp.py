@@ -329,6 +329,8 @@ class CStoreReceiver:
         for uid, ref in ready:
             study_ref = dataclasses.replace(ref, sop_instance_uid=None, series_uid=None)
             folder = self.spool_dir / safe_uid(uid)
+            if not any(folder.glob("*.dcm")):
+                continue  # taken whole by an earlier call (an instance that came during it)
             try:
                 self.on_instance(folder, study_ref)
             except QueueFullError as exc:  # retried after the next idle period, not dropped

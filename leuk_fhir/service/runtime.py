@@ -9,6 +9,7 @@ Logs name analyses by id only: no file names, no patient data.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from leuk_fhir.acquisition import Acquisition, DicomReference, Scope, Transport
+from leuk_fhir.adapters.spool import INCOMING
 from leuk_fhir.errors import InputError, InvalidImageError, LeukFhirError, NotFoundError
 from leuk_fhir.findings import CellFinding, Findings, Outcome
 from leuk_fhir.model.images import MIN_SIDE
@@ -53,6 +55,37 @@ def _digest(path: Path) -> str:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def _link_or_move(source: Path, target: Path) -> None:
+    """Hard-link ``source`` (a file, or a folder's files, not its ``.incoming`` writes in
+    progress) at ``target``; move it where the file system cannot link."""
+    try:
+        if source.is_dir():
+            shutil.copytree(source, target, copy_function=os.link,
+                            ignore=shutil.ignore_patterns(INCOMING))
+        else:
+            os.link(source, target)
+    except OSError:
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+        shutil.move(str(source), target)
+
+
+def _remove_linked(source: Path, upload: Path) -> None:
+    """Once the analysis holds ``upload``, remove from ``source`` the files linked into it,
+    and then ``source`` itself if nothing else arrived there meanwhile (a late instance of a
+    DICOM study stays, and is a study of its own)."""
+    if not source.is_dir():
+        source.unlink(missing_ok=True)
+        return
+    for file in (p for p in upload.rglob("*") if p.is_file()):
+        (source / file.relative_to(upload)).unlink(missing_ok=True)
+    for folder in sorted((p for p in source.rglob("*") if p.is_dir()), reverse=True) + [source]:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty
 
 
 def findings_summary(findings: Findings) -> dict[str, Any]:
@@ -163,6 +196,7 @@ class LeukFhirService:
         if self._started:
             return
         self._started = True
+        self._remove_orphan_folders()
         threading.Thread(target=self._load_model, name="leuk-fhir-model", daemon=True).start()
         self.queue.start(self.store.unfinished_analysis_ids())
         if sender if sender is not None else bool(self.settings.fhir.base_url):
@@ -225,6 +259,20 @@ class LeukFhirService:
             checks["outbox_sender"] = "ok"
         return {"ready": all(v == "ok" for v in checks.values()), "checks": checks}
 
+    def _remove_orphan_folders(self) -> None:
+        """Analysis folders without a row are intake a stopped process never committed: an
+        HTTP or STOW-RS upload its client got no answer for (and sends again), or links to
+        DICOM files still in the spool (offered again by the listener). Cleared at start."""
+        root = self.data_dir / "analyses"
+        if not root.is_dir():
+            return
+        known = self.store.analysis_ids()
+        for folder in root.iterdir():
+            if folder.is_dir() and folder.name not in known:
+                log.warning("analysis folder %s was never committed (a stop during intake): "
+                            "removed", folder.name)
+                shutil.rmtree(folder, ignore_errors=True)
+
     # ---- intake ----------------------------------------------------------------------------
     def analysis_dir(self, analysis_id: str) -> Path:
         return self.data_dir / "analyses" / analysis_id
@@ -278,18 +326,26 @@ class LeukFhirService:
         submitted_by: str | None = None,
         keep_rejected: bool = False,
     ) -> AnalysisRecord:
-        """Queue a file already on disk (moved into the service's data directory). With
-        ``keep_rejected``, input that cannot be opened is kept as a failed analysis instead of
-        raising and being removed (for data whose sender was already told it arrived)."""
+        """Queue a file (or DICOM study folder) already on disk. With ``keep_rejected``, input
+        that cannot be opened is kept as a failed analysis instead of raising and being removed
+        (for data whose sender was already told it arrived).
 
-        def move_in(upload: Path) -> str:
-            shutil.move(str(path), upload)
+        ``path`` is hard-linked into the analysis folder and removed only once the analysis is
+        committed, so a crash in between leaves it where it was (the DICOM listener offers it
+        again at start) and the half-made analysis folder is cleared at start
+        (:meth:`_remove_orphan_folders`). Where links cannot be made it is moved, as before.
+        """
+
+        def link_in(upload: Path) -> str:
+            _link_or_move(path, upload)
             return _digest(upload)
 
-        return self._accept(
-            move_in, filename=filename, media_type=media_type, transport=transport,
+        record = self._accept(
+            link_in, filename=filename, media_type=media_type, transport=transport,
             scope=scope, order=None, submitted_by=submitted_by, keep_rejected=keep_rejected,
         )
+        _remove_linked(path, Path(record.upload_path))
+        return record
 
     def _accept(
         self,

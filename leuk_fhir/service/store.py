@@ -215,6 +215,10 @@ class ServiceStore:
         )
         return self.get_analysis(analysis_id)
 
+    def analysis_ids(self) -> set[str]:
+        with self._connect() as db:
+            return {row["id"] for row in db.execute("SELECT id FROM analyses")}
+
     def delete_analysis(self, analysis_id: str) -> None:
         self._update("DELETE FROM analyses WHERE id = ?", (analysis_id,))
 

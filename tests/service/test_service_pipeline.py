@@ -9,9 +9,12 @@ import logging
 import queue
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
+
+from leuk_fhir.acquisition import Transport
 
 from .conftest import wait_for  # type: ignore[import-not-found]
 
@@ -143,6 +146,51 @@ def test_unfinished_work_survives_a_restart(make_app, cell_png) -> None:
         body = wait_for(client2, analysis_id)
         assert body["status"] == "completed", body["error"]
     assert client2.get(f"/v1/analyses/{ids[1]}").get_json()["attempts"] == 2
+
+
+def test_intake_a_crash_left_uncommitted_is_cleared_at_start(make_app, cell_png) -> None:
+    """An analysis folder without a row (the process died between writing an upload and
+    committing it: its sender got no answer) is removed at start; committed ones stay."""
+    first = make_app(start=True)
+    client = first.test_client()
+    kept = submit(client, cell_png("normal", 41))
+    assert wait_for(client, kept)["status"] == "completed"
+    service = first.extensions["leuk_fhir"]
+    service.stop()
+    orphan = service.analysis_dir("a-never-committed")
+    (orphan / "upload").mkdir(parents=True)
+    (orphan / "upload" / "cell.png").write_bytes(cell_png("normal", 42))
+
+    second = make_app(start=True)
+    assert not orphan.exists()
+    assert second.extensions["leuk_fhir"].analysis_dir(kept).is_dir()
+    assert second.test_client().get(f"/v1/analyses/{kept}").get_json()["status"] == "completed"
+
+
+def test_a_file_handed_over_stays_at_its_source_until_its_analysis_is_committed(
+    make_app, cell_png, tmp_path, monkeypatch
+) -> None:
+    """``submit_file`` (C-STORE, STOW-RS) links the file in and removes the source only once
+    the analysis row is committed. The failure in between is a FAKE (the row insert raises,
+    standing in for the process dying at that moment, which cannot be timed from outside)."""
+    service = make_app().extensions["leuk_fhir"]
+    source = tmp_path / "spool" / "cell.png"
+    source.parent.mkdir()
+    source.write_bytes(cell_png("blast", 43))
+
+    def dies(*args, **kwargs):
+        raise RuntimeError("the process died here")
+
+    monkeypatch.setattr(service.store, "insert_analysis", dies)
+    with pytest.raises(RuntimeError):
+        service.submit_file(source, transport=Transport.STOW_RS, media_type="image/png",
+                            filename="cell.png")
+    assert source.read_bytes() == cell_png("blast", 43)
+    assert not any((service.data_dir / "analyses").iterdir())
+    monkeypatch.undo()
+    record = service.submit_file(source, transport=Transport.STOW_RS, media_type="image/png",
+                                 filename="cell.png")
+    assert not source.exists() and Path(record.upload_path).read_bytes() == cell_png("blast", 43)
 
 
 def test_a_sign_off_interrupted_by_a_crash_can_be_done_again(make_app, cell_png) -> None:
