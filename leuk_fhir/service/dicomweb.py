@@ -15,6 +15,7 @@ from flask import Blueprint, Response, current_app, json, request
 from leuk_fhir.acquisition import Transport
 from leuk_fhir.errors import LeukFhirError, QueueFullError
 from leuk_fhir.service.auth import allow
+from leuk_fhir.service.runtime import STOW_SPOOL
 
 bp = Blueprint("dicomweb", __name__, url_prefix="/dicomweb")
 
@@ -23,7 +24,7 @@ def _stow(study_uid: str | None) -> Response:
     from leuk_fhir.adapters.stow import DICOM_JSON_MEDIA_TYPE, FailedInstance, handle_stow
 
     service = current_app.extensions["leuk_fhir"]
-    spool = service.data_dir / "stow-spool"
+    spool = service.data_dir / STOW_SPOOL
     result: Any = handle_stow(
         request.get_data(), request.content_type, spool_dir=spool,
         image_settings=service.settings.image, study_uid=study_uid,

@@ -37,6 +37,8 @@ from leuk_fhir.settings import Settings
 log = logging.getLogger(__name__)
 
 PREVIEW_MAX_SIDE = 2048
+#: Under data_dir: STOW-RS instances between their request and its answer.
+STOW_SPOOL = "stow-spool"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -260,18 +262,23 @@ class LeukFhirService:
         return {"ready": all(v == "ok" for v in checks.values()), "checks": checks}
 
     def _remove_orphan_folders(self) -> None:
-        """Analysis folders without a row are intake a stopped process never committed: an
-        HTTP or STOW-RS upload its client got no answer for (and sends again), or links to
-        DICOM files still in the spool (offered again by the listener). Cleared at start."""
+        """Clear, at start, the intake a stopped process never committed. Analysis folders
+        without a row: an HTTP or STOW-RS upload its client got no answer for (and sends
+        again), or links to DICOM files still in the listener's spool (offered again by it).
+        The STOW-RS spool: a request empties it before it is answered, so what is left there
+        belongs to requests that were never answered."""
         root = self.data_dir / "analyses"
-        if not root.is_dir():
-            return
-        known = self.store.analysis_ids()
-        for folder in root.iterdir():
+        known = self.store.analysis_ids() if root.is_dir() else set()
+        for folder in root.iterdir() if root.is_dir() else ():
             if folder.is_dir() and folder.name not in known:
                 log.warning("analysis folder %s was never committed (a stop during intake): "
                             "removed", folder.name)
                 shutil.rmtree(folder, ignore_errors=True)
+        stow_spool = self.data_dir / STOW_SPOOL
+        if stow_spool.is_dir() and any(stow_spool.iterdir()):
+            log.warning("STOW-RS instances of requests never answered (a stop during intake): "
+                        "removed from %s", stow_spool)
+            shutil.rmtree(stow_spool, ignore_errors=True)
 
     # ---- intake ----------------------------------------------------------------------------
     def analysis_dir(self, analysis_id: str) -> Path:

@@ -160,9 +160,12 @@ def test_intake_a_crash_left_uncommitted_is_cleared_at_start(make_app, cell_png)
     orphan = service.analysis_dir("a-never-committed")
     (orphan / "upload").mkdir(parents=True)
     (orphan / "upload" / "cell.png").write_bytes(cell_png("normal", 42))
+    unanswered = service.data_dir / "stow-spool" / "1.2.3" / "1.2.3.4.dcm"
+    unanswered.parent.mkdir(parents=True)
+    unanswered.write_bytes(b"an instance of a STOW-RS request that was never answered")
 
     second = make_app(start=True)
-    assert not orphan.exists()
+    assert not orphan.exists() and not unanswered.exists()
     assert second.extensions["leuk_fhir"].analysis_dir(kept).is_dir()
     assert second.test_client().get(f"/v1/analyses/{kept}").get_json()["status"] == "completed"
 
