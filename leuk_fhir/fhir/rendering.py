@@ -14,6 +14,7 @@ import io
 import logging
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -36,23 +37,85 @@ AI_DISCLAIMER = (
 )
 
 
-#: Encoding of reportlab's built-in PDF fonts (Helvetica): what the PDF can show as text.
+#: Encoding of reportlab's built-in PDF fonts (Helvetica), the fallback when the embedded
+#: font cannot be found: what the PDF can show as text then.
 PDF_FONT_ENCODING = "cp1252"
 PDF_SUBSTITUTION_NOTE = (
     "Characters that the PDF font cannot show are written as [U+XXXX] (their Unicode code "
     "point); the HTML rendition and the FHIR resources hold the exact text."
 )
+#: Bidirectional classes of right-to-left scripts (Hebrew, Arabic, ...): drawn left to right
+#: and unshaped they would read wrongly, so they are substituted like missing glyphs.
+_RIGHT_TO_LEFT = frozenset({"R", "AL", "AN"})
 
 
-def pdf_safe_text(text: str) -> tuple[str, bool]:
-    """``text`` as escaped Paragraph markup that the built-in PDF fonts can show in full.
+@dataclass(frozen=True)
+class PdfFont:
+    """The PDF's text font: a regular and a bold face and the characters both can show."""
+
+    regular: str
+    bold: str
+    covered: frozenset[int] | None  # None: the built-in Helvetica, limited to cp1252
+
+
+HELVETICA = PdfFont("Helvetica", "Helvetica-Bold", None)
+_pdf_font: PdfFont | None = None
+
+
+def pdf_font() -> PdfFont:
+    """DejaVu Sans, embedded (matplotlib ships it: Latin with all its accents, Greek,
+    Cyrillic), so names such as Łukasz, Şükrü, Παπαδοπούλου or Иванова print as written;
+    Helvetica (cp1252 only) where the font files are missing. Registered once."""
+    global _pdf_font
+    if _pdf_font is not None:
+        return _pdf_font
+    try:
+        import matplotlib
+        from reportlab.pdfbase import pdfmetrics
+        from reportlab.pdfbase.ttfonts import TTFont
+
+        folder = Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf"
+        # the report sets no italics: two faces (parsed once, about a second)
+        regular = TTFont("LeukSans", str(folder / "DejaVuSans.ttf"))
+        bold = TTFont("LeukSans-Bold", str(folder / "DejaVuSans-Bold.ttf"))
+        pdfmetrics.registerFont(regular)
+        pdfmetrics.registerFont(bold)
+        pdfmetrics.registerFontFamily(
+            "LeukSans", normal="LeukSans", bold="LeukSans-Bold", italic="LeukSans",
+            boldItalic="LeukSans-Bold",
+        )
+        covered = set(regular.face.charToGlyph) & set(bold.face.charToGlyph)
+        _pdf_font = PdfFont("LeukSans", "LeukSans-Bold", frozenset(covered))
+    except Exception as exc:  # a broken matplotlib install must not stop reports
+        log.warning("PDF reports use Helvetica (cp1252 only): the DejaVu Sans font could not "
+                    "be loaded: %s", exc)
+        _pdf_font = HELVETICA
+    return _pdf_font
+
+
+def _shown(ch: str, font: PdfFont) -> bool:
+    if unicodedata.category(ch) == "Cc":
+        return False
+    if font.covered is None:
+        try:
+            ch.encode(PDF_FONT_ENCODING)
+        except UnicodeEncodeError:
+            return False
+        return True
+    return ord(ch) in font.covered and unicodedata.bidirectional(ch) not in _RIGHT_TO_LEFT
+
+
+def pdf_safe_text(text: str, font: PdfFont | None = None) -> tuple[str, bool]:
+    """``text`` as escaped Paragraph markup that the PDF font (:func:`pdf_font` unless
+    ``font`` is given) can show in full.
 
     Text is NFC-normalised first (so ``e`` + combining acute becomes ``é``); any character that
-    is still outside the font's encoding (CJK, Arabic, Devanagari, emoji, stray combining marks)
-    or is a control character is written visibly as ``[U+XXXX]`` rather than as an anonymous
-    box or not at all. Newlines become line breaks. Returns the markup and whether anything
-    was substituted.
+    the font still cannot show (CJK, Devanagari, emoji; right-to-left scripts, which would
+    need shaping and reordering) or that is a control character is written visibly as
+    ``[U+XXXX]`` rather than as an anonymous box or not at all. Newlines become line breaks.
+    Returns the markup and whether anything was substituted.
     """
+    font = font or pdf_font()
     out: list[str] = []
     substituted = False
     text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -62,11 +125,7 @@ def pdf_safe_text(text: str) -> tuple[str, bool]:
             continue
         if ch == "\t":
             ch = " "
-        try:
-            ch.encode(PDF_FONT_ENCODING)
-            ok = unicodedata.category(ch) != "Cc"
-        except UnicodeEncodeError:
-            ok = False
+        ok = _shown(ch, font)
         if ok:
             out.append(html.escape(ch))
         else:
@@ -232,12 +291,15 @@ def render_pdf(content: ReportContent) -> bytes:
     from reportlab.platypus import Image as RLImage
     from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
+    font = pdf_font()
     styles = getSampleStyleSheet()
+    for name, face in (("Title", font.bold), ("Heading3", font.bold), ("BodyText", font.regular)):
+        styles[name].fontName = face
     substituted = False
 
     def e(text: str) -> str:
         nonlocal substituted
-        markup, changed = pdf_safe_text(text)
+        markup, changed = pdf_safe_text(text, font)
         substituted = substituted or changed
         return markup
 
@@ -280,6 +342,8 @@ def render_pdf(content: ReportContent) -> bytes:
         ("GRID", (0, 0), (-1, -1), 0.5, colors.grey),
         ("BACKGROUND", (0, 0), (-1, 0), colors.lightgrey),
         ("FONTSIZE", (0, 0), (-1, -1), 8),
+        ("FONTNAME", (0, 0), (-1, -1), font.regular),
+        ("FONTNAME", (0, 0), (-1, 0), font.bold),
     ])
     story.append(Table(
         [("Class", "Cells", "Share"), *([cell(v) for v in row] for row in content.results)],

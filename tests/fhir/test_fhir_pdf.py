@@ -118,6 +118,9 @@ def _text_outside_page(data: bytes) -> list[str]:
             scale = cm[0] * tm[0] or 1.0
             x = tm[4] * cm[0] + cm[4]
             name = str((font or {}).get("/BaseFont", "/Helvetica")).lstrip("/")
+            # an embedded subset is named "ABCDEF+DejaVuSans-Bold"; reportlab knows it by the
+            # name the report registered it under
+            name = name.split("+")[-1].replace("DejaVuSans", "LeukSans")
             width = stringWidth(text.strip("\n"), name, size * abs(scale))
             if x < 0 or x + width > right + 1:
                 bad.append(text[:40])
@@ -144,6 +147,35 @@ def test_non_latin_names_are_substituted_visibly_not_dropped(fhir_settings):
     # Latin text needs no substitution and gets no note
     text = " ".join(pdf_text(build_report_bundle(make_findings(), fhir_settings, now=NOW).pdf or b"").split())
     assert "[U+" not in text and "[U+XXXX]" not in text
+
+
+def test_european_scripts_print_as_written_in_an_embedded_font(fhir_settings):
+    """Polish, Czech, Turkish, Romanian, Greek and Cyrillic names are not cp1252: the PDF
+    embeds a Unicode font (DejaVu Sans, from matplotlib), so they print as written."""
+    cases = {
+        "Wiśniewski^Łukasz": "Łukasz Wiśniewski",
+        "Dvořák^Jiří": "Jiří Dvořák",
+        "Öztürk^Şükrü Ğ": "Şükrü Ğ Öztürk",
+        "Țăranu^Ștefan": "Ștefan Țăranu",
+        "Παπαδοπούλου^Ελένη": "Ελένη Παπαδοπούλου",
+        "Иванова^Мария": "Мария Иванова",
+    }
+    for name, shown in cases.items():
+        rb = build_report_bundle(_with_patient(make_findings(), name=name), fhir_settings, now=NOW)
+        pdf = rb.pdf or b""
+        text = " ".join(pdf_text(pdf).split())
+        assert shown in text, (name, text[:400])
+        assert "[U+" not in text, (name, text[:400])
+        assert b"/FontFile2" in pdf  # the font travels with the report
+    # right-to-left scripts would print reversed and unshaped: substituted, as before
+    rb = build_report_bundle(_with_patient(make_findings(), name="כהן^דוד"), fhir_settings, now=NOW)
+    assert "[U+05D3][U+05D5][U+05D3]" in " ".join(pdf_text(rb.pdf or b"").split())
+
+
+def test_the_pdf_falls_back_to_helvetica_and_cp1252_without_the_font():
+    from leuk_fhir.fhir.rendering import HELVETICA, pdf_safe_text
+
+    assert pdf_safe_text("Zoë Łukasz", HELVETICA) == ("Zoë [U+0141]ukasz", True)
 
 
 def test_combining_characters_are_composed_for_the_pdf(fhir_settings):
