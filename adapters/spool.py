@@ -13,7 +13,7 @@ import threading
 import uuid
 from pathlib import Path
 
-from leuk_fhir.errors import InputError
+from leuk_fhir.errors import InputError, is_storage_full, storage_full_error
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 INCOMING = ".incoming"
@@ -54,12 +54,18 @@ def durable_write(target: Path, data: bytes, *, refuse_different: bool = False) 
 
     With ``refuse_different``, an existing ``target`` with other content is kept and
     :class:`~leuk_fhir.errors.InputError` raised: identical re-sends stay idempotent, but a
-    different instance under a name already used is never silently overwritten.
+    different instance under a name already used is never silently overwritten. A full disk
+    raises :class:`~leuk_fhir.errors.StorageFullError` and leaves no partial file.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    incoming = target.parent / INCOMING
-    incoming.mkdir(exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        incoming = target.parent / INCOMING
+        incoming.mkdir(exist_ok=True)
+    except OSError as exc:
+        if is_storage_full(exc):
+            raise storage_full_error(exc, f"the spool ({target.parent.parent})") from exc
+        raise
     tmp = incoming / f"{uuid.uuid4().hex}.part"
     try:
         with tmp.open("wb") as fh:
@@ -74,8 +80,10 @@ def durable_write(target: Path, data: bytes, *, refuse_different: bool = False) 
                     hint="changed instances need a new SOP Instance UID",
                 )
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if is_storage_full(exc):
+            raise storage_full_error(exc, f"the spool ({target.parent.parent})") from exc
         raise
     _fsync_dir(target.parent)
     return target

@@ -8,6 +8,9 @@ C-STORE handler answers :attr:`LeukFhirError.dicom_status`.
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+
 
 class LeukFhirError(Exception):
     """Base class of every error leuk-fhir raises deliberately."""
@@ -184,3 +187,29 @@ class ResourceExhaustedError(LeukFhirError):
     http_status = 503
     dicom_status = 0xA700
     exit_code = 6
+
+
+class StorageFullError(LeukFhirError):
+    """The disk holding leuk-fhir's data (spool, analyses, databases) is full: nothing of the
+    input was kept; the sender should try again once space is freed."""
+
+    code = "storage-full"
+    http_status = 507
+    dicom_status = 0xA700  # out of resources: a modality retries later
+    exit_code = 6
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or the user's quota) is full: ``OSError`` ENOSPC or
+    EDQUOT, or SQLite's "database or disk is full"."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()
+
+
+def storage_full_error(exc: BaseException, where: str) -> StorageFullError:
+    """The :class:`StorageFullError` for ``exc`` (see :func:`is_storage_full`) at ``where``."""
+    return StorageFullError(
+        f"no space left on the disk of {where}: nothing of this input was kept",
+        hint="free space there (or raise the quota), then send it again",
+    )

@@ -145,3 +145,45 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, where nothing may be missing: {report.longrepr}"
+
+
+class SmallDisk:
+    """A real file system of a few MiB (tmpfs), to fill up: a full disk cannot be had any
+    other honest way. ``fill(leave)`` writes a filler file until ``leave`` bytes are free;
+    ``free()`` removes it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.filler = path / ".filler"
+
+    def available(self) -> int:
+        stats = os.statvfs(self.path)
+        return stats.f_bavail * stats.f_frsize
+
+    def fill(self, leave: int = 0) -> None:
+        with self.filler.open("ab") as out:
+            while (room := self.available() - leave) > 0:
+                try:
+                    out.write(b"\0" * min(room, 1 << 20))
+                    out.flush()
+                except OSError:
+                    break
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    """A 16 MiB tmpfs mounted for the test (needs root, as the CI machine runs; skipped
+    without the right to mount)."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield SmallDisk(mount_point)
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

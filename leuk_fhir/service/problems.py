@@ -9,12 +9,21 @@ OperationOutcome in ``application/fhir+json`` instead.
 from __future__ import annotations
 
 import logging
+import shutil
+import sqlite3
 from typing import Any
 
-from flask import Flask, Response, json, request
+from flask import Flask, Response, current_app, json, request
 from werkzeug.exceptions import HTTPException
 
-from leuk_fhir.errors import InputError, LeukFhirError, QueueFullError, RateLimitedError
+from leuk_fhir.errors import (
+    InputError,
+    LeukFhirError,
+    QueueFullError,
+    RateLimitedError,
+    is_storage_full,
+    storage_full_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +35,7 @@ PROBLEM_TYPE_BASE = "urn:leuk-fhir:problem:"
 _ISSUE_CODES = {
     400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
     409: "conflict", 413: "too-costly", 415: "not-supported", 422: "processing",
-    429: "throttled", 503: "transient",
+    429: "throttled", 503: "transient", 507: "transient",
 }
 
 
@@ -88,9 +97,30 @@ def _from_http_error(exc: HTTPException) -> Response:
     return problem_response(exc.code or 500, exc.name, exc.description, code=None)
 
 
+#: Below this much free space, an I/O or SQLite error is taken for a full disk (SQLite then
+#: reports "disk I/O error" as often as "database or disk is full").
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def _disk_full(exc: Exception) -> bool:
+    if is_storage_full(exc):
+        return True
+    if not isinstance(exc, (OSError, sqlite3.Error)):
+        return False
+    service = current_app.extensions.get("leuk_fhir")
+    try:
+        return service is not None and shutil.disk_usage(service.data_dir).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
 def _from_unexpected(exc: Exception) -> Response:
     if isinstance(exc, HTTPException):
         return _from_http_error(exc)
+    if _disk_full(exc):
+        log.error("%s %s: the data directory's disk is full: %s",
+                  request.method, request.endpoint, exc)
+        return _from_leuk_error(storage_full_error(exc, "the service's data directory"))
     log.exception("unexpected error in %s %s", request.method, request.endpoint)
     return problem_response(500, "Internal Server Error", "an unexpected error occurred")
 

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +25,15 @@ from typing import IO, Any
 
 from leuk_fhir.acquisition import Acquisition, DicomReference, Scope, Transport
 from leuk_fhir.adapters.spool import INCOMING
-from leuk_fhir.errors import InputError, InvalidImageError, LeukFhirError, NotFoundError
+from leuk_fhir.errors import (
+    InputError,
+    InvalidImageError,
+    LeukFhirError,
+    NotFoundError,
+    StorageFullError,
+    is_storage_full,
+    storage_full_error,
+)
 from leuk_fhir.findings import CellFinding, Findings, Outcome
 from leuk_fhir.model.images import MIN_SIDE
 from leuk_fhir.pipeline import AnalysisOrder, AnalysisPipeline
@@ -400,6 +409,11 @@ class LeukFhirService:
             log.warning("analysis %s: kept, not analysed: %s", analysis_id, exc)
             self._fail(analysis_id, exc.code, str(exc))
             return self.store.get_analysis(analysis_id)
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not is_storage_full(exc):
+                raise
+            log.error("intake refused, the disk of %s is full: %s", self.data_dir, exc)
+            raise storage_full_error(exc, "the service's data directory") from exc
         finally:
             if not committed:
                 self.queue.release()
@@ -500,6 +514,9 @@ class LeukFhirService:
             self._fail(analysis_id, exc.code, str(exc))
             return
         except Exception as exc:
+            if is_storage_full(exc):
+                self._fail_storage_full(analysis_id, exc)
+                return
             log.exception("analysis %s failed unexpectedly", analysis_id)
             self._fail(analysis_id, "internal", f"internal error ({type(exc).__name__})")
             return
@@ -520,6 +537,9 @@ class LeukFhirService:
                 delivery_keys=list(result.delivery_keys),
             )
         except Exception as exc:
+            if is_storage_full(exc):
+                self._fail_storage_full(analysis_id, exc)
+                return
             log.exception("analysis %s: its results could not be kept", analysis_id)
             self._fail(analysis_id, "internal", f"results not kept ({type(exc).__name__})")
             return
@@ -538,6 +558,14 @@ class LeukFhirService:
                 "ordering_practitioner": record.order.get("ordering_practitioner"),
                 "communication_queued": result.alert_key is not None,
             })
+
+    def _fail_storage_full(self, analysis_id: str, exc: BaseException) -> None:
+        log.error("analysis %s: the disk of %s is full: %s", analysis_id, self.data_dir, exc)
+        self._fail(
+            analysis_id, StorageFullError.code,
+            "no space left on the disk of the service's data directory: the results were not "
+            "kept (the upload is); free space, then submit the image again",
+        )
 
     def _fail(self, analysis_id: str, code: str, message: str) -> None:
         self.store.mark_failed(analysis_id, code=code, message=message)

@@ -472,3 +472,21 @@ def test_instances_left_in_the_spool_are_offered_one_by_one(tmp_path: Path) -> N
     )
     assert all(path.is_file() and path.suffix == ".dcm" for path, _ in got.items)
     assert (tmp_path / "not-a-dicom-study" / "x.dcm").exists()
+
+
+def test_a_full_disk_answers_out_of_resources_and_keeps_nothing_partial(small_disk) -> None:
+    """The spool on a full file system (a real tmpfs): C-STORE is answered 0xA700 "out of
+    resources", which modalities retry, and no half-written file is left; once space is free
+    the same instance is stored."""
+    got = Received()
+    ds = dicom_microscopy_dataset(FIELD)
+    spool = small_disk.path / "spool"
+    with CStoreReceiver(DicomSettings(port=0), spool, got) as rx:
+        small_disk.fill(leave=16 * 1024)
+        status, comment = _send(ds, rx.port)
+        assert status == 0xA700, (status, comment)
+        assert "no space left" in (comment or "")
+        assert not [p for p in spool.rglob("*") if p.is_file()]
+        small_disk.free()
+        assert _send(ds, rx.port)[0] == 0
+        assert got.event.wait(10) and got.items[0][1].sop_instance_uid == ds.SOPInstanceUID

@@ -132,3 +132,55 @@ def test_queue_bounds_admission_and_recovers_everything() -> None:
         time.sleep(0.01)
     assert done[-1] == "new-1"
     queue.stop()
+
+
+def test_a_full_disk_is_a_507_that_keeps_nothing_and_the_service_recovers(
+    make_app, settings, cell_png, small_disk
+) -> None:
+    """The data directory on a full file system (a real tmpfs): an upload is answered
+    507 storage-full with nothing half-written left; once space is freed the same upload is
+    accepted and analysed."""
+    import numpy as np
+    from PIL import Image
+
+    app = make_app(start=True, settings_=settings.replace(data_dir=small_disk.path / "data"))
+    client = app.test_client()
+    noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
+    big = io.BytesIO()
+    Image.fromarray(noise).save(big, format="PNG")  # about 1.4 MB, incompressible
+    small_disk.fill(leave=256 * 1024)
+    response = client.post("/v1/analyses", data={"image": (io.BytesIO(big.getvalue()), "f.png")})
+    assert response.status_code == 507, response.get_json()
+    body = response.get_json()
+    assert body["type"].endswith("storage-full") and "no space left" in body["detail"]
+    assert _files(app) == [] and app.extensions["leuk_fhir"].store.list_analyses() == []
+    small_disk.free()
+    response = client.post("/v1/analyses", data={"image": (io.BytesIO(cell_png("blast", 7)), "c.png")})
+    assert response.status_code == 202
+    analysis_id = response.get_json()["id"]
+    deadline = time.monotonic() + 60
+    while client.get(f"/v1/analyses/{analysis_id}").get_json()["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert client.get(f"/v1/analyses/{analysis_id}").get_json()["status"] == "completed"
+
+
+
+def test_on_a_full_disk_every_request_answers_clearly(make_app, settings, cell_png, small_disk) -> None:
+    """With no byte left (a real tmpfs), SQLite cannot even open its databases for reading
+    ("disk I/O error"): requests answer 507 storage-full, not 500, and work again once space
+    is freed."""
+    app = make_app(start=True, settings_=settings.replace(data_dir=small_disk.path / "data"))
+    client = app.test_client()
+    response = client.post("/v1/analyses", data={"image": (io.BytesIO(cell_png("normal", 9)), "c.png")})
+    assert response.status_code == 202
+    small_disk.fill(leave=0)
+    answers = [client.get("/v1/analyses"), client.post(
+        "/v1/analyses", data={"image": (io.BytesIO(cell_png("normal", 10)), "d.png")})]
+    for answer in answers:
+        assert answer.status_code in (200, 507), answer.get_json()
+        if answer.status_code == 507:
+            assert answer.get_json()["type"].endswith("storage-full")
+    assert answers[1].status_code == 507
+    small_disk.free()
+    assert client.get("/v1/analyses").status_code == 200
