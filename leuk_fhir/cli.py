@@ -12,6 +12,7 @@ import argparse
 import io
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from leuk_fhir.commands import adapters as adapters_commands
 from leuk_fhir.commands import fhir as fhir_commands
 from leuk_fhir.commands import model as model_commands
 from leuk_fhir.commands import service as service_commands
-from leuk_fhir.errors import LeukFhirError
+from leuk_fhir.errors import LeukFhirError, StorageFullError, is_storage_full
 
 COMMAND_FAMILIES = (model_commands, fhir_commands, adapters_commands, service_commands)
 
@@ -56,6 +57,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LeukFhirError as exc:
         print(f"leuk-fhir: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except (OSError, sqlite3.OperationalError) as exc:
+        if not is_storage_full(exc):
+            raise
+        where = getattr(exc, "filename", None)
+        print(
+            f"leuk-fhir: error: no space left on the disk{f' for {where}' if where else ''}: "
+            "free space, then run the command again (evaluate continues from the folds it "
+            "finished)",
+            file=sys.stderr,
+        )
+        return StorageFullError.exit_code
     except KeyboardInterrupt:
         print("leuk-fhir: interrupted", file=sys.stderr)
         return 130

@@ -112,3 +112,15 @@ def test_configuration_error_exits_2_with_one_line(tmp_path, capsys):
     assert cli.main(["--config", str(config), "inspect", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "image.max_pixels" in err[0]
+
+
+def test_a_full_disk_is_one_line_and_exit_6(small_disk, capsys) -> None:
+    """Any command writing to a full disk (a real tmpfs) says so in one line, no traceback."""
+    small_disk.fill(leave=0)
+    assert cli.main(["sample-image", str(small_disk.path / "cell.png")]) == 6
+    err = capsys.readouterr().err
+    assert err.startswith("leuk-fhir: error: no space left on the disk") and "Traceback" not in err
+    assert err.count("\n") == 1
+    # the model commands name the file they could not write (exit 3), as before
+    assert cli.main(["model-card", "--out", str(small_disk.path / "card.md")]) == 3
+    assert "No space left on device" in capsys.readouterr().err
