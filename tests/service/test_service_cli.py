@@ -52,45 +52,11 @@ def test_serve_refuses_to_listen_beyond_loopback_without_auth(tmp_path: Path, ca
 
 
 @pytest.mark.slow
-def test_serve_runs_on_embedded_defaults_and_stops_cleanly(tmp_path: Path) -> None:
-    env = {**os.environ, "LEUK_FHIR_DICOM_PORT": "0"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "leuk_fhir", "serve", "--port", "0", "--data-dir", str(tmp_path / "d")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-    try:
-        assert process.stdout is not None
-        url = None
-        lines = []
-        for line in process.stdout:
-            lines.append(line)
-            match = re.search(r"serving (http://\S+?)/ ", line)
-            if match:
-                url = match.group(1)
-                break
-        assert url, "".join(lines)
-        assert requests.get(f"{url}/healthz", timeout=5).json()["status"] == "ok"
-        deadline = time.monotonic() + 120
-        while (ready := requests.get(f"{url}/readyz", timeout=5)).status_code != 200:
-            assert time.monotonic() < deadline, ready.text
-            time.sleep(0.2)
-        assert "dicom_listener" in ready.json()["checks"]
-        assert "DEMO" in requests.get(f"{url}/", timeout=5).text
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            assert process.wait(30) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
-
-
-def _serve(data: Path, dicom_port: int, idle_s: float) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "LEUK_FHIR_DICOM_PORT": str(dicom_port),
-           "LEUK_FHIR_DICOM_ANALYSIS_UNIT": "study", "LEUK_FHIR_DICOM_STUDY_IDLE_S": str(idle_s)}
+def _serve(data: Path, **env: str) -> tuple[subprocess.Popen, str]:
+    """`leuk-fhir serve` on ``data`` with extra ``LEUK_FHIR_*`` variables; its URL once up."""
     process = subprocess.Popen(
         [sys.executable, "-m", "leuk_fhir", "serve", "--port", "0", "--data-dir", str(data)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env},
     )
     assert process.stdout is not None
     lines = []
@@ -99,6 +65,30 @@ def _serve(data: Path, dicom_port: int, idle_s: float) -> tuple[subprocess.Popen
         if match := re.search(r"serving (http://\S+?)/ ", line):
             return process, match.group(1)
     raise AssertionError("".join(lines))
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM, which must end `serve` cleanly (exit 0) within 30 s."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_serve_runs_on_embedded_defaults_and_stops_cleanly(tmp_path: Path) -> None:
+    process, url = _serve(tmp_path / "d", LEUK_FHIR_DICOM_PORT="0")
+    try:
+        assert requests.get(f"{url}/healthz", timeout=5).json()["status"] == "ok"
+        deadline = time.monotonic() + 120
+        while (ready := requests.get(f"{url}/readyz", timeout=5)).status_code != 200:
+            assert time.monotonic() < deadline, ready.text
+            time.sleep(0.2)
+        assert "dicom_listener" in ready.json()["checks"]
+        assert "DEMO" in requests.get(f"{url}/", timeout=5).text
+    finally:
+        _stop(process)
 
 
 @pytest.mark.slow
@@ -121,7 +111,8 @@ def test_a_study_acknowledged_before_a_crash_is_analysed_after_the_restart(tmp_p
     first = dicom_microscopy_dataset(generate_cell("blast", 1), patient_id="PAT-CRASH")
     second = dicom_microscopy_dataset(generate_cell("blast", 2), patient_id="PAT-CRASH",
                                       study_uid=first.StudyInstanceUID)
-    process, _ = _serve(data, port, idle_s=600)
+    study_mode = {"LEUK_FHIR_DICOM_PORT": str(port), "LEUK_FHIR_DICOM_ANALYSIS_UNIT": "study"}
+    process, _ = _serve(data, **study_mode, LEUK_FHIR_DICOM_STUDY_IDLE_S="600")
     try:
         for ds in (first, second):
             buffer = io.BytesIO()
@@ -142,7 +133,7 @@ def test_a_study_acknowledged_before_a_crash_is_analysed_after_the_restart(tmp_p
         process.wait(30)
     assert ServiceStore(data / "service.sqlite3").list_analyses() == []  # never handed over
 
-    process, url = _serve(data, port, idle_s=0.5)
+    process, url = _serve(data, **study_mode, LEUK_FHIR_DICOM_STUDY_IDLE_S="0.5")
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -156,10 +147,5 @@ def test_a_study_acknowledged_before_a_crash_is_analysed_after_the_restart(tmp_p
         assert analysis["status"] == "completed" and analysis["transport"] == "c-store", analysis
         assert analysis["outcome"] == "blasts-detected"
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            assert process.wait(30) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
+        _stop(process)
     assert not list((data / "dicom-spool").rglob("*.dcm"))
