@@ -57,7 +57,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LeukFhirError as exc:
         print(f"leuk-fhir: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except (OSError, sqlite3.OperationalError) as exc:
+    except KeyboardInterrupt:
+        print("leuk-fhir: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (``leuk-fhir analyze --json | head``): stop quietly,
+        # like a tool killed by SIGPIPE, without a traceback or a failed flush at exit.
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except (OSError, sqlite3.OperationalError) as exc:  # after BrokenPipeError, an OSError
         if not is_storage_full(exc):
             raise
         where = getattr(exc, "filename", None)
@@ -68,14 +76,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return StorageFullError.exit_code
-    except KeyboardInterrupt:
-        print("leuk-fhir: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # The reader of stdout went away (``leuk-fhir analyze --json | head``): stop quietly,
-        # like a tool killed by SIGPIPE, without a traceback or a failed flush at exit.
-        _silence_stdout()
-        return EXIT_BROKEN_PIPE
 
 
 #: 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe.
