@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 PREVIEW_MAX_SIDE = 2048
 #: Under data_dir: STOW-RS instances between their request and its answer.
 STOW_SPOOL = "stow-spool"
+#: Under data_dir: analysis folders found without a database row at start.
+UNCOMMITTED = "uncommitted"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -207,7 +209,7 @@ class LeukFhirService:
         if self._started:
             return
         self._started = True
-        self._remove_orphan_folders()
+        self._set_aside_uncommitted()
         threading.Thread(target=self._load_model, name="leuk-fhir-model", daemon=True).start()
         self.queue.start(self.store.unfinished_analysis_ids())
         if sender if sender is not None else bool(self.settings.fhir.base_url):
@@ -270,19 +272,22 @@ class LeukFhirService:
             checks["outbox_sender"] = "ok"
         return {"ready": all(v == "ok" for v in checks.values()), "checks": checks}
 
-    def _remove_orphan_folders(self) -> None:
-        """Clear, at start, the intake a stopped process never committed. Analysis folders
-        without a row: an HTTP or STOW-RS upload its client got no answer for (and sends
-        again), or links to DICOM files still in the listener's spool (offered again by it).
-        The STOW-RS spool: a request empties it before it is answered, so what is left there
-        belongs to requests that were never answered."""
+    def _set_aside_uncommitted(self) -> None:
+        """At start, put aside the intake a stopped process never committed. Analysis folders
+        without a row (an HTTP or STOW-RS upload its client got no answer for and sends again,
+        or links to DICOM files the listener offers again) move to ``data_dir/uncommitted``,
+        never deleted: a database restored from an older backup would not know newer
+        analyses either. The STOW-RS spool is emptied: a request empties it before it is
+        answered, so what is left belongs to requests never answered."""
         root = self.data_dir / "analyses"
         known = self.store.analysis_ids() if root.is_dir() else set()
-        for folder in root.iterdir() if root.is_dir() else ():
+        for folder in sorted(root.iterdir()) if root.is_dir() else ():
             if folder.is_dir() and folder.name not in known:
-                log.warning("analysis folder %s was never committed (a stop during intake): "
-                            "removed", folder.name)
-                shutil.rmtree(folder, ignore_errors=True)
+                aside = self.data_dir / UNCOMMITTED / folder.name
+                aside.parent.mkdir(exist_ok=True)
+                shutil.move(str(folder), aside)
+                log.warning("analysis folder %s has no row in the database (a stop during "
+                            "intake, or an older database): moved to %s", folder.name, aside)
         stow_spool = self.data_dir / STOW_SPOOL
         if stow_spool.is_dir() and any(stow_spool.iterdir()):
             log.warning("STOW-RS instances of requests never answered (a stop during intake): "
@@ -349,7 +354,7 @@ class LeukFhirService:
         ``path`` is hard-linked into the analysis folder and removed only once the analysis is
         committed, so a crash in between leaves it where it was (the DICOM listener offers it
         again at start) and the half-made analysis folder is cleared at start
-        (:meth:`_remove_orphan_folders`). Where links cannot be made it is moved, as before.
+        (:meth:`_set_aside_uncommitted`). Where links cannot be made it is moved, as before.
         """
 
         def link_in(upload: Path) -> str:

@@ -148,9 +148,10 @@ def test_unfinished_work_survives_a_restart(make_app, cell_png) -> None:
     assert client2.get(f"/v1/analyses/{ids[1]}").get_json()["attempts"] == 2
 
 
-def test_intake_a_crash_left_uncommitted_is_cleared_at_start(make_app, cell_png) -> None:
+def test_intake_a_crash_left_uncommitted_is_set_aside_at_start(make_app, cell_png) -> None:
     """An analysis folder without a row (the process died between writing an upload and
-    committing it: its sender got no answer) is removed at start; committed ones stay."""
+    committing it: its sender got no answer) is moved out of the way at start, never deleted;
+    committed ones stay. STOW-RS instances of a request never answered are removed."""
     first = make_app(start=True)
     client = first.test_client()
     kept = submit(client, cell_png("normal", 41))
@@ -166,6 +167,8 @@ def test_intake_a_crash_left_uncommitted_is_cleared_at_start(make_app, cell_png)
 
     second = make_app(start=True)
     assert not orphan.exists() and not unanswered.exists()
+    aside = service.data_dir / "uncommitted" / "a-never-committed" / "upload" / "cell.png"
+    assert aside.read_bytes() == cell_png("normal", 42)
     assert second.extensions["leuk_fhir"].analysis_dir(kept).is_dir()
     assert second.test_client().get(f"/v1/analyses/{kept}").get_json()["status"] == "completed"
 
