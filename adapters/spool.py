@@ -7,6 +7,7 @@ is ever picked up for analysis, and a crash leaves at worst a ``.part`` file in 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from leuk_fhir.errors import InputError, is_storage_full, storage_full_error
 
+log = logging.getLogger(__name__)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 INCOMING = ".incoming"
 #: Serialises the compare-and-rename of :func:`durable_write` with ``refuse_different``.
@@ -49,6 +51,12 @@ def _same_content(path: Path, data: bytes) -> bool:
         return True  # gone meanwhile (e.g. taken over for analysis): nothing to lose
 
 
+def _spool_full(exc: BaseException, target: Path) -> Exception:
+    """The typed error for a full spool disk; the path goes to the log, not to the sender."""
+    log.error("spool disk full, %s not written: %s", target, exc)
+    return storage_full_error(exc, "the DICOM spool")
+
+
 def durable_write(target: Path, data: bytes, *, refuse_different: bool = False) -> Path:
     """Write ``data`` to ``target`` atomically and durably; returns ``target``.
 
@@ -64,7 +72,7 @@ def durable_write(target: Path, data: bytes, *, refuse_different: bool = False) 
         incoming.mkdir(exist_ok=True)
     except OSError as exc:
         if is_storage_full(exc):
-            raise storage_full_error(exc, f"the spool ({target.parent.parent})") from exc
+            raise _spool_full(exc, target) from exc
         raise
     tmp = incoming / f"{uuid.uuid4().hex}.part"
     try:
@@ -83,7 +91,7 @@ def durable_write(target: Path, data: bytes, *, refuse_different: bool = False) 
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if is_storage_full(exc):
-            raise storage_full_error(exc, f"the spool ({target.parent.parent})") from exc
+            raise _spool_full(exc, target) from exc
         raise
     _fsync_dir(target.parent)
     return target

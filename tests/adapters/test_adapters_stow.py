@@ -111,3 +111,20 @@ def test_unfileable_or_undecodable_parts_fail_and_nothing_is_overwritten(tmp_pat
     assert "other content" in messages[0] and "Study Instance UID" in messages[1]
     assert "could not be decoded" in messages[2]
     assert result.stored[0].path.read_bytes() == _bytes(kept)
+
+
+def test_a_full_disk_fails_each_instance_out_of_resources(small_disk) -> None:
+    """The spool on a full file system (a real tmpfs): each instance fails with reason 0xA700
+    (out of resources, to be sent again), no half-written file is left, and once space is
+    free the same request stores them."""
+    a = dicom_microscopy_dataset(FIELD)
+    b = dicom_microscopy_dataset(FIELD, study_uid=a.StudyInstanceUID)
+    body, ctype = build_stow_body([_bytes(a), _bytes(b)])
+    spool = small_disk.path / "spool"
+    small_disk.fill(leave=8 * 1024)
+    result = handle_stow(body, ctype, spool_dir=spool)
+    assert result.stored == [] and {f.failure_reason for f in result.failed} == {0xA700}
+    assert all("no space left" in f.message and str(spool) not in f.message for f in result.failed)
+    assert not [p for p in spool.rglob("*") if p.is_file()]
+    small_disk.free()
+    assert len(handle_stow(body, ctype, spool_dir=spool).stored) == 2
