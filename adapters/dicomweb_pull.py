@@ -28,6 +28,7 @@ from leuk_fhir.adapters.dicom_files import validate_dicom
 from leuk_fhir.adapters.dicom_metadata import ACCEPTED_SOP_CLASSES, dicom_reference
 from leuk_fhir.adapters.spool import durable_write, spool_path
 from leuk_fhir.errors import InputError, LeukFhirError, NotFoundError
+from leuk_fhir.http_body import BodyTooLargeError, read_body
 from leuk_fhir.settings import ImageSettings
 
 DEFAULT_IMAGE_SETTINGS = ImageSettings()
@@ -77,8 +78,6 @@ class BoundedSession(requests.Session):
     the DICOMweb library reads the answer.
     """
 
-    CHUNK = 1 << 20
-
     def __init__(self, max_bytes: int) -> None:
         super().__init__()
         self.max_bytes = max_bytes
@@ -88,28 +87,16 @@ class BoundedSession(requests.Session):
         response = super().send(request, **kwargs)  # type: ignore[arg-type]
         declared = response.headers.get("Content-Length", "")
         encoded = response.headers.get("Content-Encoding", "identity").lower()
-        if declared.isdigit() and encoded == "identity" and int(declared) > self.max_bytes:
-            response.close()
-            raise DicomWebTooLargeError(self._too_large(request, f"declares {int(declared)} bytes"))
-        chunks: list[bytes] = []
-        total = 0
         try:
-            for chunk in response.raw.stream(self.CHUNK, decode_content=True):
-                total += len(chunk)
-                if total > self.max_bytes:
-                    raise DicomWebTooLargeError(self._too_large(request, "goes on"))
-                chunks.append(chunk)
-        except DicomWebTooLargeError:
+            if declared.isdigit() and encoded == "identity" and int(declared) > self.max_bytes:
+                raise DicomWebTooLargeError(
+                    self._too_large(request, f"declares {int(declared)} bytes")
+                )
+            response._content = read_body(response, self.max_bytes)
+        except BodyTooLargeError:
+            raise DicomWebTooLargeError(self._too_large(request, "goes on")) from None
+        finally:
             response.close()
-            raise
-        except Exception as exc:  # urllib3 protocol and decoding errors
-            response.close()
-            raise requests.ConnectionError(
-                f"reading the answer to {request.method} {request.url} failed: {exc}"
-            ) from exc
-        response._content = b"".join(chunks)
-        response._content_consumed = True  # type: ignore[attr-defined]
-        response.close()
         return response
 
     def _too_large(self, request: requests.PreparedRequest, how: str) -> str:

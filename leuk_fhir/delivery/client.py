@@ -41,6 +41,7 @@ from leuk_fhir.errors import (
     DeliveryError,
     PermanentDeliveryError,
 )
+from leuk_fhir.http_body import BodyTooLargeError, read_body
 from leuk_fhir.settings import FhirSettings
 
 log = logging.getLogger(__name__)
@@ -452,13 +453,9 @@ class EhrClient:
                 resp = self.session.request(method, url, auth=self.auth, timeout=timeout, verify=self.verify,
                                             allow_redirects=False, stream=True, **kwargs)
                 try:
-                    body = bytearray()
-                    for chunk in resp.iter_content(64 * 1024):
-                        body += chunk
-                        if len(body) > self.max_response_bytes:
-                            raise EhrUnavailableError(
-                                f"{method} {url}: the answer exceeds {self.max_response_bytes} bytes",
-                                status=resp.status_code)
+                    body = read_body(resp, self.max_response_bytes)
+                except BodyTooLargeError as exc:
+                    raise EhrUnavailableError(f"{method} {url}: {exc}", status=resp.status_code) from None
                 finally:
                     deadline.finish()  # before close() hands the connection back to the pool
                     resp.close()
@@ -472,7 +469,7 @@ class EhrClient:
                 raise EhrUnavailableError(f"HTTP error on {method} {url}: {exc}") from exc
         if deadline.fired.is_set():  # cut off: a close-delimited answer just ends early
             raise EhrUnavailableError(late)
-        resp._content = bytes(body)  # the answer, read above; resp.json() / resp.text use it
+        resp._content = body  # the answer, read above; resp.json() / resp.text use it
         return resp
 
     def _raise_for(self, resp: requests.Response, what: str) -> None:
